@@ -112,12 +112,12 @@ def load_dataset(
     except TypeError as exc:
         raise LeukoError(f"layout {spec.name!r} does not accept these options: {exc}") from None
     if source_splits:
-        wanted = {str(s).lower() for s in source_splits}
+        wanted = {str(s).lower(): str(s) for s in source_splits}
         known = {s.source_split for s in index.samples if s.source_split}
-        missing = wanted - {k.lower() for k in known}
+        missing = sorted(v for k, v in wanted.items() if k not in {x.lower() for x in known})
         if missing:
             raise LeukoError(
-                f"source_splits {sorted(missing)} not found in {root}; it has {sorted(known) or 'none'}"
+                f"source_splits {missing} not found in {root}; it has {sorted(known) or 'none'}"
             )
         index.samples = [s for s in index.samples if s.source_split and s.source_split.lower() in wanted]
     if strict and index.skipped:

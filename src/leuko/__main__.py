@@ -1,0 +1,5 @@
+"""``python -m leuko`` is the same as the ``leuko`` command."""
+
+from leuko.cli import main
+
+main()

@@ -1,0 +1,159 @@
+"""The ``leuko`` command line: verbs over the Python API, nothing more.
+
+Each command parses its options, calls one API function and prints the result
+with Rich. User mistakes arrive as :class:`~leuko.errors.LeukoError` and are
+printed as one red line with a non-zero exit; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leuko.errors import LeukoError
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="leuko",
+    help="White-blood-cell classification by transfer learning: data, training, evaluation, prediction.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Read, inspect, split, audit and fetch datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: architectures, input sizes, weights.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+LayoutOpt = typer.Option(None, "--layout", "-l", help="Dataset layout (folder, pbc, bccd, mooney, cnmc, csv); detected when omitted.")
+
+
+def _counts_table(title: str, counts: dict[str, int], total_label: str = "total") -> Table:
+    table = Table(title=title, show_edge=False)
+    table.add_column("name")
+    table.add_column("images", justify="right")
+    for k, v in counts.items():
+        table.add_row(str(k), f"{v:,}")
+    table.add_row(f"[bold]{total_label}", f"[bold]{sum(counts.values()):,}")
+    return table
+
+
+# --------------------------------------------------------------------- data
+@data_app.command("layouts")
+def data_layouts() -> None:
+    """List the dataset layouts leuko reads."""
+    from leuko.data import list_layouts
+
+    table = Table(show_edge=False)
+    table.add_column("layout")
+    table.add_column("what it reads")
+    for spec in list_layouts():
+        table.add_row(spec.name, spec.description)
+    console.print(table)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Path = typer.Argument(..., help="Dataset folder (or CSV manifest)."),
+    layout: Optional[str] = LayoutOpt,
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is unusable or a class is empty."),
+    margin: Optional[float] = typer.Option(None, help="bccd: crop margin around each WBC box (fraction of its side)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Classes, sub-types, image sizes/modes/formats, and every unusable file with its reason."""
+    from leuko.data.inspect import inspect_dataset
+
+    options = {"margin": margin} if margin is not None else {}
+    report, _ = inspect_dataset(path, layout, **options)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        console.print(f"[bold]{report.root}[/]  layout [cyan]{report.layout}[/]: "
+                      f"{report.n_samples:,} usable samples from {report.n_files:,} image files, "
+                      f"{len(report.class_counts)} classes")
+        console.print(_counts_table("classes", report.class_counts))
+        for label, sub in report.subtype_counts.items():
+            console.print(f"  sub-types of [bold]{label}[/]: " + ", ".join(f"{k} {v:,}" for k, v in sub.items()))
+        if report.source_split_counts:
+            console.print("  source splits: " + ", ".join(f"{k} {v:,}" for k, v in report.source_split_counts.items()))
+        console.print("  image sizes: " + ", ".join(f"{k} ({v:,})" for k, v in report.sizes.items()))
+        console.print("  modes: " + ", ".join(f"{k} ({v:,})" for k, v in report.modes.items())
+                      + "; formats: " + ", ".join(f"{k} ({v:,})" for k, v in report.formats.items()))
+        if report.crop_sizes:
+            console.print("  crop sides: " + ", ".join(f"{k} ({v:,})" for k, v in report.crop_sizes.items()))
+        for note in report.notes:
+            console.print(f"  [dim]note: {note}[/]")
+        if report.skipped:
+            console.print(f"[yellow]{len(report.skipped)} skipped:[/]")
+            for rel, reason in report.skipped:
+                console.print(f"  [yellow]{rel}[/]: {reason}", highlight=False)
+        for name in report.empty_classes:
+            console.print(f"[yellow]empty class folder:[/] {name} (no usable image)")
+    if strict and (report.skipped or report.empty_classes):
+        raise LeukoError(
+            f"--strict: {len(report.skipped)} unusable file(s) and {len(report.empty_classes)} empty class(es) in {report.root}"
+        )
+
+
+@data_app.command("split")
+def data_split(
+    path: Path = typer.Argument(..., help="Dataset folder (or CSV manifest)."),
+    preset: str = typer.Option("holdout-80-10-10", "--preset", "-p", help="holdout-70-30, holdout-80-20, holdout-80-10-10, source, kfold-K, group-kfold-K."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to save the split (JSON)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same split."),
+    val_fraction: float = typer.Option(0.0, help="Carve this fraction of the training part out as validation."),
+    layout: Optional[str] = LayoutOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing split file."),
+) -> None:
+    """Make a deterministic, group-aware split and save it, so runs can be repeated exactly."""
+    from leuko.data import load_dataset
+    from leuko.data.splits import make_split
+
+    if out.exists() and not overwrite:
+        raise LeukoError(f"{out} exists; pass --overwrite to replace it")
+    index = load_dataset(path, layout)
+    split = make_split(index, preset, seed=seed, val_fraction=val_fraction)
+    split.save(out)
+    if split.folds is not None:
+        console.print(f"{split.n_folds} folds ({'grouped' if split.grouped else 'stratified'}), saved to {out}")
+        return
+    table = Table(title=f"split {preset} (seed {seed}){' grouped' if split.grouped else ''}", show_edge=False)
+    table.add_column("class")
+    counts = split.counts(index)
+    for role in counts:
+        table.add_column(role, justify="right")
+    for c in index.classes:
+        table.add_row(c, *[str(counts[r][c]) for r in counts])
+    table.add_row("[bold]total", *[f"[bold]{sum(counts[r].values())}" for r in counts])
+    console.print(table)
+    for note in split.notes:
+        console.print(f"[dim]note: {note}[/]")
+    console.print(f"saved to {out}")
+
+
+# ------------------------------------------------------------------ entry
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console-script entry point: one line per user error, never a traceback for one."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        app(args=argv, standalone_mode=True)
+    except LeukoError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
