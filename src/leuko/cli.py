@@ -141,6 +141,32 @@ def data_split(
     console.print(f"saved to {out}")
 
 
+@data_app.command("fetch")
+def data_fetch(
+    name: Optional[str] = typer.Argument(None, help="Dataset name (see --list)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Folder to fetch into (default: leuko's cache)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Download from this mirror instead of the official source."),
+    force: bool = typer.Option(False, "--force", help="Fetch again even if already present."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    list_: bool = typer.Option(False, "--list", help="List the datasets leuko knows how to get."),
+) -> None:
+    """Download a public dataset (checksum, resume); datasets behind a login get exact manual steps."""
+    from leuko.data.fetch import fetch_dataset, list_remote_datasets
+
+    if list_ or name is None:
+        table = Table(show_edge=False)
+        for col in ("name", "how", "layout", "licence", "title"):
+            table.add_column(col)
+        for ds in list_remote_datasets():
+            table.add_row(ds.name, "manual" if ds.manual_only else "download", ds.layout or "-", ds.licence, ds.title)
+        console.print(table)
+        if name is None and not list_:
+            raise LeukoError("name a dataset to fetch (see the list above)")
+        return
+    folder = fetch_dataset(name, dest, url=url, force=force, progress=progress)
+    console.print(f"[green]ready:[/] {folder}")
+
+
 # ------------------------------------------------------------------ entry
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point: one line per user error, never a traceback for one."""

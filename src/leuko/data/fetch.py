@@ -39,10 +39,11 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from leuko.errors import LeukoError
 from leuko.paths import datasets_cache_dir
@@ -408,7 +409,7 @@ def _obtain_file(
     if final.is_file():
         digests = _hash_file(final)
         if _checksum_ok(ds, digests):
-            return final, "(file already present) " + urls[0], digests
+            return final, urls[0], digests
         final.unlink()
 
     used_url = _download_any(ds, urls, part, progress=progress, timeout=timeout)
@@ -460,14 +461,27 @@ def _download_with_resume(
             try:
                 _download_once(url, part, bar=bar, size_hint=size_hint, timeout=timeout)
                 return
-            except _Interrupted:
-                if attempt == _MAX_ATTEMPTS:
-                    raise
-            except (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException):
-                # Dropped before or while headers came: worth a resume too.
-                if attempt == _MAX_ATTEMPTS:
+            except (_Interrupted, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                if attempt == _MAX_ATTEMPTS or not _is_transient(exc):
                     raise
             time.sleep(_RETRY_DELAY * attempt)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth another (resumed) attempt on the same URL: a dropped or stalled connection.
+
+    A refused connection, an unknown host or an HTTP error status is not: the
+    next mirror (or the error message) is the better use of the user's time.
+    """
+    if isinstance(exc, _Interrupted):
+        return True
+    if isinstance(exc, urllib.error.HTTPError):
+        return False
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
+    if isinstance(exc, ConnectionRefusedError):
+        return False
+    return isinstance(exc, (ConnectionError, TimeoutError, http.client.HTTPException))
 
 
 def _download_once(
@@ -575,12 +589,12 @@ def _check_disk_space(folder: Path, needed: int | None) -> None:
         raise LeukoError(f"not enough disk space in {folder}: need {_fmt_bytes(needed)}, {_fmt_bytes(free)} free")
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"  # pragma: no cover
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 # --------------------------------------------------------------------------- checksums
@@ -768,9 +782,9 @@ class _Bar:
 
     update: Callable[..., None] | None = None
     task: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def start(self, total: int | None, completed: int) -> None:
+        """(Re)start at ``completed`` bytes: a resumed transfer shows what is already on disk."""
         if self.update is not None:
             self.update(self.task, total=total, completed=completed)
 
@@ -779,43 +793,25 @@ class _Bar:
             self.update(self.task, advance=n)
 
 
-class _progress_bar:  # noqa: N801 - used like a function in a with statement
-    """Context manager yielding a :class:`_Bar`: a rich bar (bytes, speed, ETA) on stderr, or a no-op."""
+@contextmanager
+def _progress_bar(label: str, *, enabled: bool) -> Iterator[_Bar]:
+    """A rich bar (bytes, speed, ETA) on stderr, so stdout stays clean for scripts; a no-op when disabled."""
+    if not enabled:
+        yield _Bar()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    def __init__(self, label: str, *, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled
-        self._progress: Any = None
-
-    def __enter__(self) -> _Bar:
-        if not self.enabled:
-            return _Bar()
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self._progress.__enter__()
-        task = self._progress.add_task(self.label, total=None)
-        return _Bar(update=self._progress.update, task=task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as progress:
+        task = progress.add_task(label, total=None)
+        yield _Bar(update=progress.update, task=task)
 
 
 __all__ = [

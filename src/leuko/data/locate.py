@@ -57,8 +57,10 @@ def resolve_data(name: str, explicit: str | Path | None = None) -> Path:
         if hit:
             return hit
         tried.append(f"$LEUKO_DATA_DIR={base}")
+    from leuko.data.fetch import fetched_path
+
     cache = datasets_cache_dir()
-    hit = _in(cache, name)
+    hit = fetched_path(name)
     if hit:
         return hit
     tried.append(str(cache))

@@ -1,0 +1,180 @@
+"""The run folder: what training writes and everything downstream reads.
+
+Layout (one contract, documented in the README)::
+
+    RUN_DIR/
+      config.yaml        the resolved config (every default filled in)
+      split.json         the exact split used (keys relative to the dataset root)
+      classes.json       class names in output order
+      data.json          dataset summary: root, layout, counts per role
+      metrics.csv        one row per epoch: train/val loss and accuracy, lr, images/s
+      checkpoints/       Lightning checkpoints: best.ckpt, last.ckpt (for --resume)
+      model.pt           the best weights + everything inference needs
+      summary.json       final numbers (best epoch, val/test accuracy, wall time)
+      train.log          the log
+
+``model.pt`` is self-describing (architecture name, head, classes, input size,
+normalisation, preprocessing, temperature), so ``evaluate``, ``predict`` and
+``export`` need nothing else. This module imports neither Lightning nor the
+training code, so inference stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leuko.errors import LeukoError
+
+MODEL_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths inside a run folder (nothing is read until asked)."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def split(self) -> Path:
+        return self.path / "split.json"
+
+    @property
+    def classes(self) -> Path:
+        return self.path / "classes.json"
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def best_ckpt(self) -> Path:
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    # ------------------------------------------------------------- create
+    @classmethod
+    def create(cls, path: str | Path, *, overwrite: bool = False) -> "RunFolder":
+        """A new, empty run folder; an existing non-empty one only with ``overwrite``."""
+        p = Path(path).expanduser()
+        if p.exists() and not p.is_dir():
+            raise LeukoError(f"run folder path {p} is a file")
+        if p.exists() and any(p.iterdir()):
+            if not overwrite:
+                raise LeukoError(
+                    f"run folder {p} already exists; use --resume to continue it, --overwrite to replace it, or another --out"
+                )
+            shutil.rmtree(p)
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "checkpoints").mkdir(exist_ok=True)
+        return cls(p)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunFolder":
+        """An existing run folder (must hold at least ``config.yaml`` and ``classes.json``)."""
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise LeukoError(f"run folder not found: {p}")
+        run = cls(p)
+        if not run.config.is_file() or not run.classes.is_file():
+            raise LeukoError(f"{p} is not a leuko run folder (no config.yaml/classes.json)")
+        return run
+
+    # ------------------------------------------------------------- json
+    def write_json(self, name: str, obj: Any) -> Path:
+        target = self.path / name
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+        tmp.replace(target)
+        return target
+
+    def read_json(self, name: str) -> Any:
+        target = self.path / name
+        try:
+            return json.loads(target.read_text())
+        except FileNotFoundError:
+            raise LeukoError(f"{target} is missing") from None
+        except json.JSONDecodeError as exc:
+            raise LeukoError(f"{target} is not valid JSON: {exc}") from None
+
+    def class_names(self) -> list[str]:
+        return list(self.read_json("classes.json"))
+
+
+def save_model(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model.pt``: state dict + the metadata inference needs (atomic)."""
+    required = {"model", "classes", "input"}
+    missing = required - set(meta)
+    if missing:
+        raise ValueError(f"model metadata lacks {sorted(missing)}")
+    payload = {"format": MODEL_FORMAT, **meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_model_meta(path: Path) -> dict[str, Any]:
+    """The metadata and state dict of a ``model.pt`` (CPU tensors)."""
+    if not path.is_file():
+        raise LeukoError(f"model file not found: {path} (did training finish?)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt or foreign file
+        raise LeukoError(f"cannot read model file {path}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise LeukoError(f"{path} is not a leuko model file (format {MODEL_FORMAT})")
+    return payload
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the network of a run (``RUN_DIR`` or its ``model.pt``) in eval mode, with its metadata."""
+    from leuko.models import build_model
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = RunFolder(p).model
+    payload = read_model_meta(p)
+    spec = payload["model"]
+    model = build_model(
+        spec["name"],
+        num_classes=len(payload["classes"]),
+        pretrained="none",
+        head=spec.get("head", "linear"),
+        dropout=spec.get("dropout"),
+    )
+    model.load_state_dict(payload.pop("state_dict"))
+    model.eval()
+    return model, payload

@@ -1,0 +1,204 @@
+"""The training configuration: one validated schema, loaded from YAML plus ``key=value`` overrides.
+
+Every key a study config may set lives here with its type, range and
+default, so a typo or a negative learning rate is caught before any image is
+read, with one line naming the key (Ultralytics-style ``--set a.b=value``
+overrides go through the same validation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from leuko.errors import LeukoError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how they are prepared."""
+
+    path: Optional[str] = Field(None, description="Dataset folder or CSV manifest (or --data).")
+    dataset: str = Field("pbc", description="Name used to find the data when path is not given (pbc, mooney, bccd, cnmc).")
+    layout: Optional[str] = Field(None, description="Layout name; detected when omitted.")
+    layout_options: dict[str, Any] = Field(default_factory=dict, description="Extra layout options, e.g. {margin: 0.2} for bccd.")
+    source_splits: Optional[list[str]] = Field(None, description="Keep only these source splits (e.g. [TRAIN, TEST] for Mooney).")
+    classes: Optional[list[str]] = Field(None, description="Keep only these classes (in this order).")
+    per_class: Optional[int] = Field(None, gt=0, description="Use at most this many images per class (random, seeded).")
+    split: str = Field("holdout-80-10-10", description="Split preset (holdout-70-30, holdout-80-20, holdout-80-10-10, source, kfold-K, group-kfold-K) or a split JSON file.")
+    fold: Optional[int] = Field(None, ge=0, description="Which fold to train for a K-fold split.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Validation fraction carved from training when the split has none.")
+    split_seed: Optional[int] = Field(None, description="Seed of the split (defaults to train.seed).")
+    image_size: int = Field(224, ge=16, le=1024, description="Square input side in pixels.")
+    resize: Literal["stretch", "pad", "crop"] = "stretch"
+    preprocess: list[str] = Field(default_factory=list, description="Deterministic steps before augmentation, e.g. [clahe].")
+    augment: str = Field("none", description="Augmentation preset: none, study, cells.")
+    cache: bool = Field(True, description="Cache decoded, resized images on disk.")
+    num_workers: Optional[int] = Field(None, ge=0, description="DataLoader worker processes (default: by CPU count).")
+
+
+class ModelConfig(_Strict):
+    """Which network, which weights, and what is trained."""
+
+    name: str = "efficientnet_lite0"
+    pretrained: str = Field("auto", description="auto (bundled where available, else imagenet), imagenet, bundled, none, or a weights file.")
+    head: Literal["linear", "dense128", "bn-dense256"] = "linear"
+    dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    freeze: str = Field("none", description="none | backbone | bn | last:N (train only the last N blocks + head).")
+    head_lr_factor: float = Field(1.0, gt=0.0, description="Learning-rate multiplier of the new head.")
+    two_stage_epochs: int = Field(0, ge=0, description="Train the head alone for this many epochs, then unfreeze (two-stage).")
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v: str) -> str:
+        if v in ("none", "backbone", "bn") or (v.startswith("last:") and v[5:].isdigit() and int(v[5:]) > 0):
+            return v
+        raise ValueError("must be none, backbone, bn or last:N with N > 0")
+
+
+class TrainConfig(_Strict):
+    """Optimisation: what the studies tune."""
+
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["constant", "step", "exponential", "cosine", "onecycle"] = "cosine"
+    step_size: int = Field(10, ge=1, description="step: epochs between decays.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step: decay factor.")
+    decay_steps: int = Field(900, ge=1, description="exponential: optimizer steps per decay (Keras ExponentialDecay).")
+    decay_rate: float = Field(0.95, gt=0.0, le=1.0, description="exponential: factor per decay_steps.")
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] = "none"
+    sampler: Literal["none", "balanced"] = "none"
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    early_stopping: Optional[int] = Field(None, ge=1, description="Stop after this many epochs without validation improvement.")
+    ema: Optional[float] = Field(None, gt=0.0, lt=1.0, description="EMA decay of weights (e.g. 0.999).")
+    seed: int = 0
+    fast_features: Literal["auto", "on", "off"] = Field("auto", description="Frozen backbone + no augmentation: cache features, train the head alone.")
+
+
+class TrainerConfig(_Strict):
+    """Passed through to Lightning's Trainer."""
+
+    accelerator: str = "auto"
+    devices: Union[int, str, list[int]] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: Optional[str] = Field(None, description="Default: 16-mixed on GPU, 32 on CPU.")
+    deterministic: bool = True
+    log_every_n_steps: int = Field(10, ge=1)
+    progress: bool = True
+    limit_train_batches: Optional[Union[int, float]] = None
+    limit_val_batches: Optional[Union[int, float]] = None
+    max_time: Optional[str] = Field(None, description="Stop after DD:HH:MM:SS of wall time.")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores).")
+
+
+class RunConfig(_Strict):
+    """A whole run: ``data``, ``model``, ``train``, ``trainer`` sections."""
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _consistency(self) -> "RunConfig":
+        if self.model.two_stage_epochs >= self.train.epochs and self.model.two_stage_epochs > 0:
+            raise ValueError("model.two_stage_epochs must be smaller than train.epochs")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in err["loc"][:-1])
+            parts.append(f"unknown key {loc!r}" + (f" in section {section!r}" if section else ""))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            parts.append(f"{loc}: {msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""))
+    more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+    return "invalid config: " + "; ".join(parts) + more
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "model.name=resnet50"]`` → nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise LeukoError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise LeukoError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise LeukoError(f"override {item!r} conflicts with another override of {p!r}")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a config mapping plus overrides; LeukoError with one line on failure."""
+    merged = _merge(raw, parse_overrides(overrides))
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise LeukoError(_format_error(exc)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (``None`` = all defaults) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise LeukoError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1})" if where is not None else ""
+            raise LeukoError(f"config {p} is not valid YAML{at}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise LeukoError(f"config {p} must be a mapping of sections (data, model, train, trainer)")
+        raw = loaded
+    return config_from_dict(raw, overrides)
