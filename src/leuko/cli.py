@@ -167,6 +167,86 @@ def data_fetch(
     console.print(f"[green]ready:[/] {folder}")
 
 
+# ------------------------------------------------------------------- models
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Registered architectures with input size, normalisation and available weights."""
+    from leuko.models import list_models
+
+    rows = list_models()
+    if as_json:
+        print(json.dumps(rows, indent=1, default=str))
+        return
+    table = Table(show_edge=False)
+    for col in ("name", "source", "input", "default weights", "bundled"):
+        table.add_column(col)
+    for r in rows:
+        size = r.get("input_size")
+        table.add_row(
+            r["name"], str(r.get("source", "")), "x".join(str(v) for v in size[1:]) if size else "",
+            str(r.get("default_pretrained", "")), "yes" if r.get("bundled") else "",
+        )
+    console.print(table)
+
+
+# -------------------------------------------------------------------- train
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML config (sections data, model, train, trainer)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (overrides data.path)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder to create (default runs/<name>)."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a config key: --set train.lr=1e-4 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+) -> None:
+    """Train a classifier; writes a run folder (config, split, checkpoints, metrics, model)."""
+    from leuko.train import train
+
+    if resume is not None:
+        if config is not None:
+            raise LeukoError("--resume uses the run's own config.yaml; do not pass a config file too")
+        result = train(None, resume, overrides=set_, data_path=data, resume=True, echo=console.print)
+    else:
+        target = out or Path("runs") / (config.stem if config else "run")
+        result = train(config, target, overrides=set_, data_path=data, overwrite=overwrite, echo=console.print)
+    best = f"{result.best_val_acc:.4f}" if result.best_val_acc is not None else "n/a"
+    console.print(
+        f"[green]done:[/] {result.run_dir}  best val acc {best} (epoch {result.best_epoch}), "
+        f"{result.epochs_run} epochs, {result.wall_time_s / 60:.1f} min ({result.path} path)"
+    )
+
+
+# ----------------------------------------------------------------- evaluate
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder written by 'leuko train'."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset to evaluate on (default: the run's own)."),
+    layout: Optional[str] = LayoutOpt,
+    split: str = typer.Option("test", "--split", help="train, val, test (of the run's split) or all."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>)."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML/JSON with 'merge' and 'exclude' to match another label set."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (flips, 90-degree rotation)."),
+) -> None:
+    """Metrics (with 95% CIs), predictions.csv, confusion matrices, curves and a classification report."""
+    from leuko.evaluate.run import evaluate_run
+
+    m = evaluate_run(run_dir, data=data, layout=layout, split=split, out=out, class_map=class_map, tta=tta, echo=console.print)
+    console.print(m["report"], highlight=False)
+    ci = m.get("ci95") or {}
+    acc_ci = ci.get("accuracy") or [None, None]
+    f1_ci = ci.get("macro_f1") or [None, None]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    console.print(
+        f"accuracy {fmt(m['accuracy'])} (95% CI {fmt(acc_ci[0])}-{fmt(acc_ci[1])}), macro-F1 {fmt(m['macro_f1'])} "
+        f"(95% CI {fmt(f1_ci[0])}-{fmt(f1_ci[1])}), balanced acc {fmt(m['balanced_accuracy'])}, ECE {fmt(m.get('ece'))}"
+    )
+    for note in m["class_map"]["notes"]:
+        console.print(f"[dim]class map: {note}[/]")
+    for path, reason in m["data"]["failed"]:
+        console.print(f"[yellow]unreadable:[/] {path}: {reason}")
+    console.print(f"[green]written:[/] {m['out_dir']}")
+
+
 # ------------------------------------------------------------------ entry
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point: one line per user error, never a traceback for one."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 
@@ -53,8 +53,9 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
 class EpochMetricsCSV(pl.Callback):
     """Write ``metrics.csv`` after each validated epoch, with images/s of training."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, echo: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.echo = echo
         self._t0 = 0.0
         self._images = 0
 
@@ -71,19 +72,24 @@ class EpochMetricsCSV(pl.Callback):
         elapsed = max(1e-9, time.perf_counter() - self._t0)
         m = trainer.callback_metrics
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
-        append_metrics_row(
-            self.path,
-            {
-                "epoch": trainer.current_epoch + 1,
-                "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
-                "train_acc": m.get("train_acc"),
-                "val_loss": m.get("val_loss"),
-                "val_acc": m.get("val_acc"),
-                "lr": lr,
-                "images_per_s": self._images * trainer.world_size / elapsed,
-                "epoch_time_s": elapsed,
-            },
-        )
+        row = {
+            "epoch": trainer.current_epoch + 1,
+            "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
+            "train_acc": m.get("train_acc"),
+            "val_loss": m.get("val_loss"),
+            "val_acc": m.get("val_acc"),
+            "lr": lr,
+            "images_per_s": self._images * trainer.world_size / elapsed,
+            "epoch_time_s": elapsed,
+        }
+        append_metrics_row(self.path, row)
+        if self.echo is not None:
+            parts = [f"epoch {row['epoch']}/{trainer.max_epochs}"]
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                if row[key] is not None:
+                    parts.append(f"{key} {float(row[key]):.4f}")
+            parts.append(f"{row['images_per_s']:.1f} images/s")
+            self.echo(", ".join(parts))
 
 
 class SaveOnInterrupt(pl.Callback):

@@ -10,6 +10,7 @@ logging live elsewhere (datamodule, callbacks).
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -49,6 +50,7 @@ class LeukoClassifier(pl.LightningModule):
         else:
             self.class_weights = None
         self._frozen_for_stage_one = False
+        self._last_step_time: float | None = None
         self.save_hyperparameters({"config": config.model_dump(mode="json"), "class_names": self.class_names})
 
     # ------------------------------------------------------------ steps
@@ -67,7 +69,14 @@ class LeukoClassifier(pl.LightningModule):
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("img/s", len(y) / max(1e-9, now - self._last_step_time), on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
+        self._last_step_time = now
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._last_step_time = None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -1,0 +1,214 @@
+"""``leuko evaluate``: a run folder + data → metrics.json, predictions.csv, figures, report text.
+
+Two situations, told apart by where the data comes from:
+
+* the run's own dataset (default, or ``--data`` pointing at it): the saved
+  split file picks the held-out role (``--split test``), so evaluation sees
+  exactly the images training never did;
+* another dataset (another lab, e.g. BCCD crops for a PBC model): every
+  sample is used, and a class map reconciles the label sets.
+
+Class maps (YAML or JSON)::
+
+    merge:   {ig: neutrophil}          # model class -> target class (probabilities add up)
+    exclude: [platelet, erythroblast]  # model classes removed from the argmax
+
+Target classes the model lacks are an error; model classes the target lacks
+must be merged or excluded, and the report states which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from leuko.data.samples import Sample
+from leuko.errors import LeukoError
+from leuko.evaluate.calibration import softmax
+from leuko.evaluate.metrics import classification_report_text, compute_metrics, predictions_frame
+from leuko.runs import RunFolder
+
+log = logging.getLogger("leuko.evaluate")
+
+
+@dataclass
+class ClassMap:
+    """How model classes become target classes."""
+
+    merge: dict[str, str] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClassMap":
+        p = Path(path)
+        if not p.is_file():
+            raise LeukoError(f"class map not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LeukoError(f"class map {p} is not valid YAML/JSON: {exc}") from None
+        if not isinstance(raw, dict) or set(raw) - {"merge", "exclude"}:
+            raise LeukoError(f"class map {p} must have only 'merge' (mapping) and 'exclude' (list) keys")
+        merge = raw.get("merge") or {}
+        exclude = raw.get("exclude") or []
+        if not isinstance(merge, dict) or not isinstance(exclude, list):
+            raise LeukoError(f"class map {p}: 'merge' must be a mapping and 'exclude' a list")
+        return cls({str(k): str(v) for k, v in merge.items()}, [str(x) for x in exclude])
+
+    def matrix(self, model_classes: list[str], target_classes: list[str]) -> tuple[np.ndarray, list[str]]:
+        """``(M, notes)``: target probabilities = renormalised ``probs @ M`` (M is model x target)."""
+        unknown = sorted((set(self.merge) | set(self.exclude)) - set(model_classes))
+        if unknown:
+            raise LeukoError(f"class map names {unknown}, which the model does not have ({model_classes})")
+        bad_targets = sorted(set(self.merge.values()) - set(target_classes))
+        if bad_targets:
+            raise LeukoError(f"class map merges into {bad_targets}, which the evaluation data does not have ({target_classes})")
+        lacking = sorted(set(target_classes) - {self.merge.get(c, c) for c in model_classes if c not in self.exclude})
+        if lacking:
+            raise LeukoError(
+                f"the data has classes the model cannot predict: {lacking} (model classes: {model_classes})"
+            )
+        m = np.zeros((len(model_classes), len(target_classes)))
+        notes = []
+        t_index = {c: i for i, c in enumerate(target_classes)}
+        for i, c in enumerate(model_classes):
+            if c in self.exclude:
+                notes.append(f"model class {c!r} excluded from the argmax")
+                continue
+            target = self.merge.get(c, c)
+            if target not in t_index:
+                raise LeukoError(
+                    f"model class {c!r} is not in the evaluation data; merge it (merge: {{{c}: <class>}}) or exclude it in a class map"
+                )
+            if target != c:
+                notes.append(f"model class {c!r} merged into {target!r}")
+            m[i, t_index[target]] = 1.0
+        return m, notes
+
+
+def map_probs(probs: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Target-class probabilities: merged classes add up, excluded ones drop out, rows renormalised."""
+    out = probs @ m
+    s = out.sum(axis=1, keepdims=True)
+    s[s <= 0] = 1.0
+    return out / s
+
+
+def _same_dataset(run_root: str | None, data_root: Path) -> bool:
+    return run_root is not None and Path(run_root).resolve() == data_root.resolve()
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    layout: str | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    class_map: str | Path | None = None,
+    tta: bool = False,
+    figures: bool = True,
+    echo: Callable[[str], None] = print,
+    layout_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a trained run; writes ``metrics.json``, ``predictions.csv`` and figures into ``out``.
+
+    Returns the metrics dict (with ``data``, ``class_map`` and ``report`` entries added).
+    """
+    from leuko.data import load_dataset
+    from leuko.infer import Predictor
+    from leuko.train.config import load_config
+    from leuko.train.data import prepare_data
+
+    run = RunFolder.open(run_dir)
+    out_dir = Path(out) if out is not None else run.path / "eval" / (split if data is None else Path(str(data)).name + f"-{split}")
+    if split not in ("train", "val", "test", "all"):
+        raise LeukoError(f"--split must be train, val, test or all; got {split!r}")
+    cfg = load_config(run.config)
+    trained_root = run.read_json("data.json").get("root") if run.data.is_file() else None
+    samples: list[Sample]
+    if data is None or (Path(data).exists() and _same_dataset(trained_root, Path(data)) and layout in (None, cfg.data.layout)):
+        prepared = prepare_data(cfg.data, seed=cfg.train.seed, data_path=data, split_file=run.split)
+        samples = prepared.index.samples if split == "all" else getattr(prepared, split)
+        target_classes = prepared.classes
+        source = f"{prepared.index.root} ({split} split of the run)"
+    else:
+        index = load_dataset(data, layout, **(layout_options or {}))
+        if split not in ("all", "test"):
+            raise LeukoError("on another dataset every image is evaluated: use --split all (or test)")
+        samples = index.samples
+        target_classes = index.classes
+        source = f"{index.root} (all {len(samples)} samples, layout {index.layout})"
+    if not samples:
+        raise LeukoError(f"no images to evaluate in the {split!r} part")
+    predictor = Predictor(run.path)
+    model_classes = predictor.classes
+    cmap = ClassMap.load(class_map) if class_map else ClassMap()
+    if class_map is None and set(target_classes) - set(model_classes):
+        lacking = sorted(set(target_classes) - set(model_classes))
+        raise LeukoError(f"the data has classes the model cannot predict: {lacking}; model classes: {model_classes}")
+    m, notes = cmap.matrix(model_classes, target_classes)
+    echo(f"evaluating {run.path.name} on {source}")
+    pred = predictor.predict_samples(samples, tta=tta)
+    by_key = {s.key: s for s in samples}
+    kept = [by_key[k] for k in pred.keys]
+    probs_model = pred.probs
+    probs = map_probs(probs_model, m)
+    c2i = {c: i for i, c in enumerate(target_classes)}
+    y = np.array([c2i[s.label] for s in kept], dtype=int)
+    metrics = compute_metrics(y, probs, target_classes)
+    metrics["data"] = {"source": source, "split": split, "n_images": len(kept), "failed": pred.failed}
+    metrics["class_map"] = {"merge": cmap.merge, "exclude": cmap.exclude, "notes": notes}
+    metrics["temperature"] = predictor.temperature
+    metrics["tta"] = tta
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    frame = predictions_frame([str(s.path) if s.crop is None else s.key for s in kept], y, probs, target_classes)
+    frame.to_csv(out_dir / "predictions.csv", index=False)
+    report = classification_report_text(metrics, target_classes)
+    (out_dir / "report.txt").write_text(report + "\n")
+    if figures:
+        _figures(out_dir, run, metrics, y, probs, kept, target_classes)
+    metrics["report"] = report
+    metrics["out_dir"] = str(out_dir)
+    return metrics
+
+
+def _figures(out_dir: Path, run: RunFolder, metrics: dict, y: np.ndarray, probs: np.ndarray, kept: list[Sample], classes: list[str]) -> None:
+    from leuko.data.imageio import load_rgb
+    from leuko.evaluate.figures import (
+        plot_confusion_matrix,
+        plot_misclassified_gallery,
+        plot_per_class_bars,
+        plot_reliability,
+        plot_roc_curves,
+        plot_training_curves,
+    )
+
+    cm = np.asarray(metrics["confusion_matrix"])
+    plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png", title="Confusion matrix (counts)")
+    plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix_normalized.png", normalize=True, title="Confusion matrix (row-normalised)")
+    plot_per_class_bars(metrics, out_dir / "per_class.png")
+    if len(set(y.tolist())) > 1:
+        plot_roc_curves(y, probs, classes, out_dir / "roc.png")
+    plot_reliability(probs, y, out_dir / "reliability.png", title="Reliability")
+    if run.metrics.is_file():
+        plot_training_curves(run.metrics, out_dir / "training_curves.png")
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    worst = wrong[np.argsort(-probs[wrong, pred[wrong]])][:24]
+    images, titles = [], []
+    for i in worst:
+        s = kept[int(i)]
+        try:
+            images.append(load_rgb(s.path, 128, crop=s.crop))
+        except LeukoError:
+            continue
+        titles.append(f"{s.label} → {classes[pred[i]]} ({probs[i, pred[i]]:.2f})")
+    plot_misclassified_gallery(images, titles, out_dir / "misclassified.png")

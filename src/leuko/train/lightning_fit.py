@@ -1,0 +1,171 @@
+"""The general training path: Lightning Trainer, checkpoints, resume, scale-out.
+
+Everything here is Lightning's own machinery configured from the run config:
+``ModelCheckpoint`` (best by validation accuracy + last), ``EarlyStopping``,
+EMA weight averaging, gradient clipping, mixed precision on GPU, and
+``fit(ckpt_path=last.ckpt)`` to resume. ``trainer.devices/num_nodes/strategy``
+pass straight through, so DDP under torchrun or SLURM needs no extra code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+
+from leuko.data.pipeline import SampleDataset, make_loader
+from leuko.data.transforms import build_transforms
+from leuko.runs import RunFolder
+from leuko.train.callbacks import EpochMetricsCSV, SaveOnInterrupt, truncate_metrics
+from leuko.train.config import RunConfig
+from leuko.train.data import PreparedData
+from leuko.train.module import LeukoClassifier
+
+log = logging.getLogger("leuko.train")
+
+
+def class_weights_for(targets: list[int], n_classes: int) -> torch.Tensor:
+    """``n / (C * count_c)``: the usual "balanced" weights (sklearn's formula)."""
+    counts = np.bincount(np.asarray(targets), minlength=n_classes).astype(float)
+    counts[counts == 0] = 1.0
+    return torch.tensor(len(targets) / (n_classes * counts), dtype=torch.float32)
+
+
+def build_loaders(model: torch.nn.Module, cfg: RunConfig, data: PreparedData) -> tuple[Any, Any | None]:
+    """Train and validation DataLoaders (decoded-image cache, augmentation, balanced sampling)."""
+    info = model.leuko_info  # type: ignore[attr-defined]
+    c2i = {c: i for i, c in enumerate(data.classes)}
+    common = dict(preprocess=cfg.data.preprocess, mean=info.mean, std=info.std, resize=cfg.data.resize)
+    t_train = build_transforms(cfg.data.image_size, train=True, augment=cfg.data.augment, seed=cfg.train.seed, **common)
+    t_eval = build_transforms(cfg.data.image_size, train=False, **common)
+    cache: Any = cfg.data.cache
+    if cfg.data.cache:
+        from leuko.data.pipeline import DecodedCache
+
+        cache = DecodedCache(data.train + data.val, t_train.preprocess)
+    train_ds = SampleDataset(data.train, c2i, cfg.data.image_size, transform=t_train, cache=cache)
+    loader_kw: dict[str, Any] = {"num_workers": cfg.data.num_workers, "seed": cfg.train.seed}
+    if cfg.train.sampler == "balanced":
+        w = class_weights_for(train_ds.targets, len(data.classes))[torch.tensor(train_ds.targets)]
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        sampler = torch.utils.data.WeightedRandomSampler(w.double(), num_samples=len(train_ds), replacement=True, generator=gen)
+        train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=False, **loader_kw)
+        train_loader = torch.utils.data.DataLoader(
+            train_ds,
+            batch_size=cfg.train.batch_size,
+            sampler=sampler,
+            num_workers=train_loader.num_workers,
+            worker_init_fn=train_loader.worker_init_fn,
+            persistent_workers=train_loader.num_workers > 0,
+        )
+    else:
+        train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.train.batch_size, **loader_kw)
+    val_loader = None
+    if data.val:
+        val_ds = SampleDataset(data.val, c2i, cfg.data.image_size, transform=t_eval, cache=cache)
+        val_loader = make_loader(val_ds, max(cfg.train.batch_size, 64), shuffle=False, num_workers=cfg.data.num_workers)
+    return train_loader, val_loader
+
+
+def _precision(cfg: RunConfig) -> str:
+    if cfg.trainer.precision:
+        return cfg.trainer.precision
+    gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    return "16-mixed" if gpu else "32-true"
+
+
+def fit_lightning(
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    data: PreparedData,
+    run: RunFolder,
+    *,
+    resume: bool = False,
+    echo: Callable[[str], None] = print,
+):
+    """Train ``model`` in place (best weights loaded at the end); returns a :class:`TrainResult`."""
+    from leuko.train.runner import TrainResult
+
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    train_loader, val_loader = build_loaders(model, cfg, data)
+    weights = class_weights_for(train_loader.dataset.targets, len(data.classes)) if cfg.train.class_weights == "balanced" else None
+    module = LeukoClassifier(model, cfg, data.classes, class_weights=weights, steps_per_epoch=len(train_loader))
+    monitor = "val_acc" if val_loader is not None else "train_acc"
+    ckpt = ModelCheckpoint(
+        dirpath=run.checkpoints,
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    interactive = cfg.trainer.progress and os.isatty(1) and not os.environ.get("CI")
+    callbacks: list[pl.Callback] = [ckpt, EpochMetricsCSV(run.metrics, None if interactive else echo), SaveOnInterrupt(run.last_ckpt)]
+    if cfg.train.early_stopping:
+        callbacks.append(EarlyStopping(monitor="val_loss" if val_loader is not None else "train_loss", patience=cfg.train.early_stopping, mode="min"))
+    if cfg.train.ema:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema))
+    if interactive:
+        callbacks.append(RichProgressBar())
+    trainer = pl.Trainer(
+        max_epochs=cfg.train.epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=_precision(cfg),  # type: ignore[arg-type]
+        deterministic=cfg.trainer.deterministic,
+        gradient_clip_val=cfg.train.grad_clip,
+        callbacks=callbacks,
+        logger=False,
+        default_root_dir=str(run.path),
+        enable_progress_bar=interactive,
+        enable_model_summary=False,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        max_time=cfg.trainer.max_time,
+        num_sanity_val_steps=0,
+    )
+    ckpt_path = None
+    if resume:
+        ckpt_path = str(run.last_ckpt)
+        state = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
+        done = int(state.get("epoch", 0))
+        truncate_metrics(run.metrics, done)
+        echo(f"resuming from {run.last_ckpt} (epoch {done} of {cfg.train.epochs})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*treat_batch_as_tensor.*")
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        from leuko.errors import LeukoError
+
+        raise LeukoError(f"training interrupted; continue with: leuko train --resume {run.path}", exit_code=130)
+    best_epoch = trainer.current_epoch
+    best_val = None
+    if ckpt.best_model_path and os.path.exists(ckpt.best_model_path):
+        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+        best_epoch = int(state.get("epoch", best_epoch)) + 1
+        score = ckpt.best_model_score
+        best_val = float(score) if score is not None else None
+    ips = None
+    try:
+        import pandas as pd
+
+        df = pd.read_csv(run.metrics)
+        ips = float(df["images_per_s"].median())
+    except Exception:  # metrics file optional for the result
+        pass
+    return TrainResult(run.path, best_epoch, best_val, trainer.current_epoch, 0.0, "lightning", ips)
+

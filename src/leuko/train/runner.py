@@ -1,0 +1,227 @@
+"""``leuko train``: from a config to a finished run folder.
+
+:func:`train` is the one entry point (the CLI calls it; so can a notebook).
+It resolves the data and the split, builds the model, then either trains
+through Lightning (augmentation, fine-tuning, any recipe) or, when the
+backbone is frozen and nothing is augmented, through the frozen-feature fast
+path (:mod:`leuko.train.features`). Both write the same run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from leuko.errors import LeukoError
+from leuko.runs import RunFolder, save_model
+from leuko.train.config import RunConfig, load_config
+from leuko.train.data import PreparedData, prepare_data
+
+log = logging.getLogger("leuko.train")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written to ``summary.json``)."""
+
+    run_dir: Path
+    best_epoch: int
+    best_val_acc: float | None
+    epochs_run: int
+    wall_time_s: float
+    path: str  # "lightning" or "features"
+    images_per_s: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def resolve_pretrained(config: RunConfig) -> str:
+    """``auto`` → ``bundled`` for models with offline weights, else ``imagenet``."""
+    from leuko.models import model_info
+
+    if config.model.pretrained != "auto":
+        return config.model.pretrained
+    return "bundled" if model_info(config.model.name).bundled else "imagenet"
+
+
+def uses_feature_path(config: RunConfig) -> bool:
+    """Frozen backbone, no augmentation, no two-stage: the head can train on cached features."""
+    mode = config.train.fast_features
+    if mode == "off":
+        return False
+    eligible = (
+        config.model.freeze == "backbone"
+        and config.data.augment == "none"
+        and config.model.two_stage_epochs == 0
+        and config.train.ema is None
+    )
+    if mode == "on" and not eligible:
+        raise LeukoError(
+            "train.fast_features=on needs model.freeze=backbone, data.augment=none, no two-stage and no EMA"
+        )
+    return eligible
+
+
+def _setup_logging(run: RunFolder) -> logging.Handler:
+    handler = logging.FileHandler(run.log, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("leuko", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    return handler
+
+
+def _teardown_logging(handler: logging.Handler) -> None:
+    for name in ("leuko", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def warn_leakage(data: PreparedData, warn: Callable[[str], None]) -> int:
+    """Loudly warn when training images have exact or near copies in val/test; returns the pair count."""
+    try:
+        from leuko.data.audit import split_leakage
+    except ImportError:  # pragma: no cover - audit is part of leuko.data
+        return 0
+    held_out = data.val + data.test
+    if not held_out:
+        return 0
+    pairs = split_leakage(data.train, held_out)
+    if pairs:
+        example = pairs[0]
+        warn(
+            f"LEAKAGE: {len(pairs)} training image(s) have exact or near-duplicate copies in the validation/test "
+            f"sets (e.g. {Path(example[0]).name} ~ {Path(example[1]).name}); held-out scores will be optimistic"
+        )
+    return len(pairs)
+
+
+def train(
+    config: RunConfig | str | Path | None,
+    out: str | Path,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    data_path: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    echo: Callable[[str], None] = print,
+    check_leakage: bool = True,
+) -> TrainResult:
+    """Train a classifier and write a run folder at ``out``.
+
+    Args:
+        config: a :class:`RunConfig`, a YAML path, or ``None`` for defaults.
+        overrides: ``key=value`` strings applied on top (``train.lr=1e-4``).
+        data_path: dataset location (beats ``data.path``).
+        overwrite: replace an existing run folder.
+        resume: continue the run in ``out`` from its last checkpoint (its own
+            config and split are used; ``overrides`` may extend ``train.epochs``).
+        echo: where progress lines go (the CLI passes Rich's print).
+    """
+    t0 = time.perf_counter()
+    if resume:
+        run = RunFolder.open(out)
+        cfg = load_config(run.config, overrides)
+        split_file: Path | None = run.split
+        if not run.last_ckpt.is_file():
+            if run.model.is_file():
+                raise LeukoError(f"run {run.path} already finished (model.pt exists); nothing to resume")
+            raise LeukoError(f"run {run.path} has no checkpoint to resume from (it stopped before the first epoch ended)")
+    else:
+        cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+        if isinstance(config, RunConfig) and overrides:
+            from leuko.train.config import config_from_dict
+
+            cfg = config_from_dict(config.model_dump(mode="json"), overrides)
+        # Validate everything that can fail before creating the run folder.
+        from leuko.models import model_info
+
+        model_info(cfg.model.name)
+        split_file = None
+        run = None  # type: ignore[assignment]
+
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    data = prepare_data(cfg.data, seed=cfg.train.seed, data_path=data_path, split_file=split_file)
+    pretrained = resolve_pretrained(cfg)
+    from leuko.models import build_model, freeze
+
+    model = build_model(
+        cfg.model.name,
+        num_classes=len(data.classes),
+        pretrained=pretrained,
+        head=cfg.model.head,
+        dropout=cfg.model.dropout,
+    )
+    freeze(model, cfg.model.freeze)
+
+    if not resume:
+        run = RunFolder.create(out, overwrite=overwrite)
+        resolved = cfg.model_copy(deep=True)
+        if data_path is not None:
+            resolved.data.path = str(Path(data_path).resolve())
+        elif resolved.data.path is None:
+            resolved.data.path = str(data.index.root.resolve())
+        run.config.write_text(resolved.to_yaml())
+        data.split.save(run.split)
+        run.write_json("classes.json", data.classes)
+        run.write_json("data.json", data.summary())
+    handler = _setup_logging(run)
+    try:
+        counts = data.summary()["counts"]
+        echo(
+            f"data: {data.index.layout} at {data.index.root} — train {len(data.train)}, val {len(data.val)}, "
+            f"test {len(data.test)} images, {len(data.classes)} classes ({data.split.preset}"
+            f"{', grouped' if data.split.grouped else ''})"
+        )
+        log.info("data counts: %s", counts)
+        if check_leakage and not resume:
+            n = warn_leakage(data, echo)
+            run.write_json("leakage.json", {"train_vs_heldout_pairs": n})
+        info = model.leuko_info  # type: ignore[attr-defined]
+        echo(f"model: {cfg.model.name} ({pretrained} weights, head {cfg.model.head}, freeze {cfg.model.freeze}) at {cfg.data.image_size}px")
+        if uses_feature_path(cfg):
+            from leuko.train.features import train_head_on_features
+
+            result = train_head_on_features(model, cfg, data, run, echo=echo)
+        else:
+            from leuko.train.lightning_fit import fit_lightning
+
+            result = fit_lightning(model, cfg, data, run, resume=resume, echo=echo)
+        meta = model_meta(cfg, data.classes, info, pretrained)
+        save_model(run.model, model, meta)
+        result.wall_time_s = time.perf_counter() - t0
+        run.write_json("summary.json", result.to_dict())
+        return result
+    finally:
+        _teardown_logging(handler)
+
+
+def model_meta(cfg: RunConfig, classes: list[str], info: Any, pretrained: str) -> dict[str, Any]:
+    """Everything inference needs besides the weights (stored in ``model.pt``)."""
+    return {
+        "model": {
+            "name": cfg.model.name,
+            "head": cfg.model.head,
+            "dropout": cfg.model.dropout,
+            "pretrained": pretrained,
+        },
+        "classes": list(classes),
+        "input": {
+            "image_size": cfg.data.image_size,
+            "resize": cfg.data.resize,
+            "preprocess": list(cfg.data.preprocess),
+            "mean": list(info.mean),
+            "std": list(info.std),
+        },
+        "temperature": 1.0,
+    }
