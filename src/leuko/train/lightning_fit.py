@@ -140,7 +140,10 @@ def fit_lightning(
     if resume:
         ckpt_path = str(run.last_ckpt)
         state = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
-        done = int(state.get("epoch", 0))
+        try:  # epochs whose training part finished (the checkpoint may be from mid-epoch)
+            done = int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+        except (KeyError, TypeError):
+            done = int(state.get("epoch", -1)) + 1
         truncate_metrics(run.metrics, done)
         echo(f"resuming from {run.last_ckpt} (epoch {done} of {cfg.train.epochs})")
     with warnings.catch_warnings():

@@ -153,8 +153,11 @@ def train(
         torch.set_num_threads(cfg.trainer.num_threads)
     data = prepare_data(cfg.data, seed=cfg.train.seed, data_path=data_path, split_file=split_file)
     pretrained = resolve_pretrained(cfg)
+    from lightning.fabric.utilities.seed import seed_everything
+
     from leuko.models import build_model, freeze
 
+    seed_everything(cfg.train.seed, workers=True, verbose=False)  # the new head's init is part of the run
     model = build_model(
         cfg.model.name,
         num_classes=len(data.classes),

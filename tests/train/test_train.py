@@ -1,0 +1,158 @@
+"""Training end to end on generated images: run folders, determinism, resume, fast path."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_cell
+from leuko.errors import LeukoError
+from leuko.runs import RunFolder, load_model
+from leuko.train import load_config, train
+
+TINY = [
+    "model.name=custom_cnn",
+    "model.pretrained=none",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "train.epochs=2",
+    "train.batch_size=8",
+    "train.lr=0.01",
+    "trainer.progress=false",
+]
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LEUKO_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "cells"
+    for ci, cls in enumerate(["eosinophil", "lymphocyte", "neutrophil"]):
+        for i in range(20):
+            make_cell(root / cls / f"{i}.png", size=(48, 48), seed=1000 * ci + i, hue=70 * ci)
+    return root
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_writes_run_folder(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train(None, out, overrides=TINY, data_path=tiny_data, echo=lambda s: None)
+    run = RunFolder.open(out)
+    assert result.path == "lightning" and result.epochs_run == 2
+    for p in (run.config, run.split, run.classes, run.data, run.metrics, run.model, run.summary, run.last_ckpt, run.best_ckpt, run.log):
+        assert p.is_file(), p
+    assert run.class_names() == ["eosinophil", "lymphocyte", "neutrophil"]
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+    counts = run.read_json("data.json")["counts"]
+    assert sum(counts["train"].values()) == 48 and sum(counts["test"].values()) == 6
+    model, meta = load_model(out)
+    assert meta["classes"] == run.class_names() and meta["input"]["image_size"] == 32
+    cfg = load_config(run.config)
+    assert cfg.data.path == str(tiny_data.resolve())  # resolved config records the data used
+
+
+def test_same_seed_same_metrics(tiny_data: Path, tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    train(None, a, overrides=TINY, data_path=tiny_data, echo=lambda s: None)
+    train(None, b, overrides=TINY, data_path=tiny_data, echo=lambda s: None)
+    cols = ("train_loss", "train_acc", "val_loss", "val_acc")
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert [[r[c] for c in cols] for r in ra] == [[r[c] for c in cols] for r in rb]
+
+
+def test_existing_run_is_never_overwritten(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(LeukoError, match="already exists"):
+        train(None, out, overrides=TINY, data_path=tiny_data, echo=lambda s: None)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_config_fails_before_run_folder(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(LeukoError, match="unknown model"):
+        train(None, out, overrides=[*TINY, "model.name=resnet9000"], data_path=tiny_data, echo=lambda s: None)
+    with pytest.raises(LeukoError, match="train.lr"):
+        train(None, out, overrides=[*TINY, "train.lr=-1"], data_path=tiny_data, echo=lambda s: None)
+    assert not out.exists()
+
+
+def test_head_lr_factor_and_two_stage(tiny_data: Path, tmp_path: Path) -> None:
+    from leuko.models import build_model
+    from leuko.train.module import LeukoClassifier
+
+    cfg = load_config(None, [*TINY, "model.head_lr_factor=10", "train.schedule=constant", "train.epochs=3", "model.two_stage_epochs=1"])
+    module = LeukoClassifier(build_model("custom_cnn", 3, pretrained="none"), cfg, ["a", "b", "c"])
+    opt = module.configure_optimizers()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"backbone": pytest.approx(0.01), "head": pytest.approx(0.1)}
+    out = tmp_path / "two"
+    train(None, out, overrides=[*TINY, "model.two_stage_epochs=1", "train.epochs=2"], data_path=tiny_data, echo=lambda s: None)
+    assert len(read_metrics(out)) == 2
+
+
+def test_fast_feature_path_and_cache(tiny_data: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    over = [
+        "model.name=efficientnet_lite0",
+        "model.pretrained=bundled",
+        "model.freeze=backbone",
+        "data.image_size=64",
+        "data.num_workers=0",
+        "train.epochs=30",
+        "train.lr=0.01",
+        "trainer.progress=false",
+    ]
+    result = train(None, tmp_path / "f1", overrides=over, data_path=tiny_data, echo=lines.append)
+    assert result.path == "features"
+    assert any(line.startswith("features: 60 images") for line in lines)
+    assert result.best_val_acc is not None and result.best_val_acc >= 0.8
+    lines.clear()
+    train(None, tmp_path / "f2", overrides=over, data_path=tiny_data, echo=lines.append)
+    assert any("reusing cache" in line for line in lines)
+    # the saved model reproduces the head that was trained
+    from leuko.infer import Predictor
+
+    pred = Predictor(tmp_path / "f1").predict_paths(sorted((tiny_data / "lymphocyte").glob("*.png"))[:5])
+    assert pred.probs.shape == (5, 3)
+
+
+def test_resume_after_kill(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    env = dict(os.environ, COLUMNS="200")
+    over = [a for a in TINY if not a.startswith("train.epochs")] + ["train.epochs=8"]
+    args = [sys.executable, "-m", "leuko", "train", "--data", str(tiny_data), "--out", str(out)]
+    for o in over:
+        args += ["--set", o]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "checkpoints" / "last.ckpt").is_file() and (out / "metrics.csv").is_file() and len(read_metrics(out)) >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_metrics(out))
+    assert 1 <= done_before < 8, "the run should have been killed mid-way"
+    assert not (out / "model.pt").exists()
+    result = train(None, out, resume=True, echo=lambda s: None)
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert result.epochs_run == 8 and (out / "model.pt").is_file()
+    with pytest.raises(LeukoError, match="already finished"):
+        (out / "checkpoints" / "last.ckpt").unlink()
+        train(None, out, resume=True, echo=lambda s: None)
