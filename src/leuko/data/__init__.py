@@ -13,14 +13,18 @@ from __future__ import annotations
 from leuko.data.imageio import check_image, load_rgb
 from leuko.data.layouts import detect_layout, list_layouts, load_dataset
 from leuko.data.samples import DatasetIndex, Sample, SkippedItem
+from leuko.data.splits import Split, make_split, split_presets
 
 __all__ = [
     "DatasetIndex",
     "Sample",
     "SkippedItem",
+    "Split",
     "check_image",
     "detect_layout",
     "list_layouts",
     "load_dataset",
     "load_rgb",
+    "make_split",
+    "split_presets",
 ]
