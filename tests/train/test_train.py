@@ -156,3 +156,35 @@ def test_resume_after_kill(tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(LeukoError, match="already finished"):
         (out / "checkpoints" / "last.ckpt").unlink()
         train(None, out, resume=True, echo=lambda s: None)
+
+
+def test_ddp_two_processes_match_single(tiny_data: Path, tmp_path: Path) -> None:
+    """2-process DDP on CPU (gloo) gives the same training curve as one process with the same global batch."""
+    common = [
+        "model.name=custom_cnn", "model.pretrained=none", "model.freeze=bn", "data.image_size=32",
+        "data.num_workers=0", "data.cache=false", "train.epochs=2", "train.lr=0.001", "train.shuffle=false", "train.optimizer=sgd",
+        "train.schedule=constant", "trainer.progress=false", "trainer.accelerator=cpu", "data.split=holdout-80-20",
+        "data.val_fraction=0.0",
+    ]
+    env = dict(os.environ, COLUMNS="200")
+    env.pop("LOCAL_RANK", None)
+
+    def run(out: Path, extra: list[str]) -> None:
+        args = [sys.executable, "-m", "leuko", "train", "--data", str(tiny_data), "--out", str(out)]
+        for o in common + extra:
+            args += ["--set", o]
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    run(tmp_path / "single", ["train.batch_size=16", "trainer.devices=1"])
+    run(tmp_path / "ddp", ["train.batch_size=8", "trainer.devices=2", "trainer.strategy=ddp"])
+    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert len(single) == len(ddp) == 2
+    for a, b in zip(single, ddp):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-3, abs=1e-4)
+    import torch
+
+    wa = torch.load(tmp_path / "single" / "model.pt", weights_only=False)["state_dict"]
+    wb = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)["state_dict"]
+    diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert diff < 1e-3

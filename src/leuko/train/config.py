@@ -84,6 +84,7 @@ class TrainConfig(_Strict):
     early_stopping: Optional[int] = Field(None, ge=1, description="Stop after this many epochs without validation improvement.")
     ema: Optional[float] = Field(None, gt=0.0, lt=1.0, description="EMA decay of weights (e.g. 0.999).")
     seed: int = 0
+    shuffle: bool = Field(True, description="Shuffle training batches (off only for exact DDP-vs-single comparisons).")
     fast_features: Literal["auto", "on", "off"] = Field("auto", description="Frozen backbone + no augmentation: cache features, train the head alone.")
 
 

@@ -65,7 +65,9 @@ def build_loaders(model: torch.nn.Module, cfg: RunConfig, data: PreparedData) ->
             persistent_workers=train_loader.num_workers > 0,
         )
     else:
-        train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.train.batch_size, **loader_kw)
+        train_loader = make_loader(
+            train_ds, cfg.train.batch_size, shuffle=cfg.train.shuffle, drop_last=len(train_ds) > cfg.train.batch_size, **loader_kw
+        )
     val_loader = None
     if data.val:
         val_ds = SampleDataset(data.val, c2i, cfg.data.image_size, transform=t_eval, cache=cache)

@@ -67,8 +67,8 @@ class LeukoClassifier(pl.LightningModule):
         logits = self(x)
         loss = self._loss(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("train_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("train_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         now = time.perf_counter()
         if self._last_step_time is not None:
             self.log("img/s", len(y) / max(1e-9, now - self._last_step_time), on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
@@ -83,8 +83,8 @@ class LeukoClassifier(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("val_acc", acc, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("val_acc", acc, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -70,6 +70,31 @@ def uses_feature_path(config: RunConfig) -> bool:
     return eligible
 
 
+def global_rank() -> int:
+    """This process's rank under DDP launchers (Lightning's, torchrun, SLURM); 0 when alone.
+
+    Under DDP every rank runs this same function: only rank 0 creates and
+    writes the run folder; the others wait for it and train.
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    local = os.environ.get("LOCAL_RANK", "")
+    node = os.environ.get("NODE_RANK", "0")
+    if local.isdigit():
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
+        return int(node or 0) * per_node + int(local) if node.isdigit() else int(local)
+    return 0
+
+
+def _wait_for(path: Path, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise LeukoError(f"rank {global_rank()}: {path} did not appear; is rank 0 running?")
+        time.sleep(0.2)
+
+
 def _setup_logging(run: RunFolder) -> logging.Handler:
     handler = logging.FileHandler(run.log, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -128,6 +153,10 @@ def train(
         echo: where progress lines go (the CLI passes Rich's print).
     """
     t0 = time.perf_counter()
+    rank = global_rank()
+    if rank > 0:
+        echo = lambda _msg: None  # noqa: E731 - only rank 0 talks
+        check_leakage = False
     if resume:
         run = RunFolder.open(out)
         cfg = load_config(run.config, overrides)
@@ -167,7 +196,10 @@ def train(
     )
     freeze(model, cfg.model.freeze)
 
-    if not resume:
+    if not resume and rank > 0:
+        run = RunFolder(Path(out).expanduser())
+        _wait_for(run.data)  # rank 0 writes data.json last, atomically
+    elif not resume:
         run = RunFolder.create(out, overwrite=overwrite)
         resolved = cfg.model_copy(deep=True)
         if data_path is not None:
@@ -178,7 +210,7 @@ def train(
         data.split.save(run.split)
         run.write_json("classes.json", data.classes)
         run.write_json("data.json", data.summary())
-    handler = _setup_logging(run)
+    handler = _setup_logging(run) if rank == 0 else logging.NullHandler()
     try:
         counts = data.summary()["counts"]
         echo(
@@ -200,13 +232,14 @@ def train(
             from leuko.train.lightning_fit import fit_lightning
 
             result = fit_lightning(model, cfg, data, run, resume=resume, echo=echo)
-        meta = model_meta(cfg, data.classes, info, pretrained)
-        save_model(run.model, model, meta)
         result.wall_time_s = time.perf_counter() - t0
-        run.write_json("summary.json", result.to_dict())
+        if rank == 0:
+            save_model(run.model, model, model_meta(cfg, data.classes, info, pretrained))
+            run.write_json("summary.json", result.to_dict())
         return result
     finally:
-        _teardown_logging(handler)
+        if rank == 0:
+            _teardown_logging(handler)
 
 
 def model_meta(cfg: RunConfig, classes: list[str], info: Any, pretrained: str) -> dict[str, Any]:
