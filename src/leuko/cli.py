@@ -282,6 +282,41 @@ def evaluate_cmd(
     console.print(f"[green]written:[/] {m['out_dir']}")
 
 
+# ------------------------------------------------------------------ predict
+@app.command("predict")
+def predict_cmd(
+    model: Path = typer.Argument(..., help="A run folder (or its model.pt)."),
+    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to .csv or .json."),
+    tta: bool = typer.Option(False, "--tta", help="Average over flips and a 90-degree rotation."),
+    top_k: int = typer.Option(1, "--top-k", "-k", help="Also list the next K-1 classes."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+) -> None:
+    """Classify new images; unreadable files are named and skipped, the rest are predicted."""
+    from leuko.infer.predict import predict_images, write_predictions
+
+    result = predict_images(model, paths, tta=tta, top_k=top_k, batch_size=batch_size)
+    for path, reason in result.failed:
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    table = Table(show_edge=False)
+    table.add_column("image")
+    table.add_column("prediction")
+    table.add_column("confidence", justify="right")
+    extra = [c for c in result.frame.columns if c.startswith("top") and not c.endswith("_p")]
+    for c in extra:
+        table.add_column(c)
+    for _, row in result.frame.head(50).iterrows():
+        table.add_row(Path(str(row["path"])).name, str(row["pred"]), f"{row['confidence']:.3f}",
+                      *[f"{row[c]} ({row[c + '_p']:.2f})" for c in extra])
+    console.print(table)
+    if len(result.frame) > 50:
+        console.print(f"... {len(result.frame) - 50} more (use --out to save all)")
+    counts = result.frame["pred"].value_counts() if len(result.frame) else {}
+    console.print("predicted: " + ", ".join(f"{k} {v}" for k, v in dict(counts).items()) + f"; {len(result.failed)} unreadable")
+    if out is not None:
+        console.print(f"[green]written:[/] {write_predictions(result, out)}")
+
+
 # ------------------------------------------------------------------ entry
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point: one line per user error, never a traceback for one."""

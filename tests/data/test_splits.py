@@ -88,8 +88,11 @@ def test_kfold_covers_every_sample_once() -> None:
 
 def test_bad_presets() -> None:
     index = synthetic_index({"a": 10, "b": 10})
-    with pytest.raises(LeukoError, match="unknown split preset 'holdout-50-50'"):
-        make_split(index, "holdout-50-50")
+    with pytest.raises(LeukoError, match="unknown split preset 'holdout-fifty'"):
+        make_split(index, "holdout-fifty")
+    with pytest.raises(LeukoError, match="sum to 100"):
+        make_split(index, "holdout-50-40")
+    assert make_split(index, "holdout-50-50").counts(index)["test"] == {"a": 5, "b": 5}
     with pytest.raises(LeukoError, match="needs groups"):
         make_split(index, "group-kfold-3")
     with pytest.raises(LeukoError, match="fewer than the 20 folds"):

@@ -3,7 +3,8 @@
 Presets:
 
 * ``holdout-70-30``, ``holdout-80-20``, ``holdout-80-10-10``: stratified
-  holdouts (the studies' protocols).
+  holdouts (the studies' protocols); any ``holdout-<train>-[<val>-]<test>``
+  percentages summing to 100 work too.
 * ``source``: the dataset's own split (Mooney ``TRAIN``/``TEST``; C-NMC folds
   vs validation), the only leak-free choice when groups are unknown.
 * ``kfold-K`` / ``group-kfold-K``: stratified (group) K-fold.
@@ -35,6 +36,23 @@ HOLDOUT_PRESETS: dict[str, tuple[float, float, float]] = {
     "holdout-80-10-10": (0.8, 0.1, 0.1),
 }
 _KFOLD = re.compile(r"^(group-)?kfold-(\d+)$")
+_HOLDOUT = re.compile(r"^holdout-(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?$")
+
+
+def holdout_fractions(preset: str) -> tuple[float, float, float] | None:
+    """``holdout-70-30`` → (0.7, 0, 0.3); ``holdout-80-10-10`` → (0.8, 0.1, 0.1); else None.
+
+    Any percentages summing to 100 are accepted (``holdout-66.67-33.33``).
+    """
+    m = _HOLDOUT.match(preset)
+    if not m:
+        return None
+    parts = [float(g) for g in m.groups() if g is not None]
+    if abs(sum(parts) - 100.0) > 0.05 or any(p <= 0 for p in parts):
+        raise LeukoError(f"split {preset!r}: percentages must be positive and sum to 100")
+    if len(parts) == 2:
+        return (parts[0] / 100, 0.0, parts[1] / 100)
+    return (parts[0] / 100, parts[1] / 100, parts[2] / 100)
 SPLIT_FORMAT = 1
 
 
@@ -174,8 +192,9 @@ def make_split(index: DatasetIndex, preset: str, seed: int = 0, val_fraction: fl
         raise LeukoError("cannot split an empty dataset")
     grouped = any(s.group is not None for s in samples)
     root = index.root
-    if preset in HOLDOUT_PRESETS:
-        tr, va, te = HOLDOUT_PRESETS[preset]
+    fractions = holdout_fractions(preset)
+    if fractions is not None:
+        tr, va, te = fractions
         if va == 0.0 and val_fraction > 0.0:
             tr, va = tr * (1 - val_fraction), tr * val_fraction
         assign = _assign_holdout(samples, root, (tr, va, te), seed)

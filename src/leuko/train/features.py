@@ -94,11 +94,14 @@ def compute_features(model: nn.Module, samples: Sequence[Sample], cfg: RunConfig
     hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
     was_training = model.training
     model.eval()
+    # channels-last runs the depthwise/pointwise convolutions of mobile nets ~2x faster on CPU
+    model.to(memory_format=torch.channels_last)
     try:
         for x, _ in loader:
-            model(x)
+            model(x.contiguous(memory_format=torch.channels_last))
     finally:
         hook.remove()
+        model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
     return torch.cat(captured) if captured else torch.empty(0)
 

@@ -1,0 +1,95 @@
+"""``leuko predict``: classify image files and folders, write CSV/JSON, report unreadable files.
+
+Folders are searched recursively for image files; each unreadable file is
+named with its reason and the rest are still classified.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from leuko.data.imageio import is_image_name
+from leuko.errors import LeukoError
+from leuko.infer.predictor import Predictor
+
+
+def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Image files named directly, or found (recursively) in folders; sorted, unique."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_name(q)))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise LeukoError(f"no such file or folder: {p}")
+    seen: set[Path] = set()
+    unique = []
+    for p in found:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    if not unique:
+        raise LeukoError("no image files found in the given paths")
+    return unique
+
+
+@dataclass
+class PredictResult:
+    """Per-image predictions and the files that could not be read."""
+
+    frame: pd.DataFrame
+    failed: list[tuple[str, str]]
+    classes: list[str]
+
+
+def predict_images(
+    model: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    tta: bool = False,
+    top_k: int = 1,
+    batch_size: int = 64,
+) -> PredictResult:
+    """Classify images with a run folder (or its ``model.pt``); rows follow the sorted file list."""
+    paths = collect_images(inputs)
+    predictor = Predictor(model, batch_size=batch_size)
+    if not 1 <= top_k <= len(predictor.classes):
+        raise LeukoError(f"--top-k must be between 1 and {len(predictor.classes)}; got {top_k}")
+    pred = predictor.predict_paths(paths, tta=tta)
+    classes = predictor.classes
+    rows = []
+    for key, p in zip(pred.keys, pred.probs):
+        order = np.argsort(-p)[:top_k]
+        row: dict[str, object] = {"path": key, "pred": classes[order[0]], "confidence": float(p[order[0]])}
+        for rank, j in enumerate(order[1:], start=2):
+            row[f"top{rank}"] = classes[j]
+            row[f"top{rank}_p"] = float(p[j])
+        for c, v in zip(classes, p):
+            row[f"p_{c}"] = float(v)
+        rows.append(row)
+    return PredictResult(pd.DataFrame(rows), pred.failed, classes)
+
+
+def write_predictions(result: PredictResult, out: Path) -> Path:
+    """CSV (``.csv``) or JSON (``.json``) by suffix."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        payload = {
+            "classes": result.classes,
+            "predictions": result.frame.to_dict(orient="records"),
+            "failed": [{"path": p, "reason": r} for p, r in result.failed],
+        }
+        out.write_text(json.dumps(payload, indent=1))
+    elif out.suffix.lower() == ".csv":
+        result.frame.to_csv(out, index=False)
+    else:
+        raise LeukoError(f"--out must end in .csv or .json; got {out.name}")
+    return out
