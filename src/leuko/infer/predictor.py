@@ -57,7 +57,7 @@ class Predictor:
         self.input: dict[str, Any] = dict(self.meta["input"])
         self.temperature = float(self.meta.get("temperature", 1.0) if temperature is None else temperature)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device).eval()
+        self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.batch_size = batch_size
 
     @property
@@ -84,7 +84,7 @@ class Predictor:
         loader = make_loader(ds, self.batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False)
         out: list[np.ndarray] = []
         for x, _ in loader:
-            x = x.to(self.device)
+            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             logits = self.model(x)
             if tta:
                 logits = logits + self.model(torch.flip(x, dims=[3])) + self.model(torch.flip(x, dims=[2]))

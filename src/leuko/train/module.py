@@ -55,7 +55,13 @@ class LeukoClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.trainer.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
+
+    def on_fit_start(self) -> None:
+        if self.config.trainer.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
