@@ -141,6 +141,59 @@ def data_split(
     console.print(f"saved to {out}")
 
 
+@data_app.command("audit")
+def data_audit(
+    paths: List[Path] = typer.Argument(..., help="One or more datasets; pairs are found within and across them."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the pairs as JSON ({'pairs': [[a, b, distance], ...], ...})."),
+    layout: Optional[str] = LayoutOpt,
+    embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Also compare CNN embeddings (catches rotated/sheared copies)."),
+    hash_threshold: Optional[float] = typer.Option(None, help="Largest 1-correlation of a perceptual-hash pair."),
+    embed_threshold: Optional[float] = typer.Option(None, help="Largest cosine distance of an embedding pair."),
+    split_check: bool = typer.Option(True, "--split-check/--no-split-check", help="Count pairs across a random 80/20 split and across the dataset's own split."),
+) -> None:
+    """Exact and near-duplicate images (flips, rotations, shifts, re-compression, brightness) within and across sets."""
+    from leuko.data import load_dataset, make_split
+    from leuko.data.audit import DEFAULT_EMBED_THRESHOLD, DEFAULT_HASH_THRESHOLD, audit, cross_pairs
+
+    indexes = [load_dataset(p, layout) for p in paths]
+    embed = None
+    if embeddings:
+        from leuko.models.embed import make_embedder
+
+        embed = make_embedder()
+    report = audit(
+        indexes,
+        names=[str(p) for p in paths],
+        hash_threshold=DEFAULT_HASH_THRESHOLD if hash_threshold is None else hash_threshold,
+        embed=embed,
+        embed_threshold=DEFAULT_EMBED_THRESHOLD if embed_threshold is None else embed_threshold,
+        progress=True,
+    )
+    console.print(report.format_summary(), highlight=False)
+    if split_check and len(indexes) == 1:
+        index = indexes[0]
+        own = index.subset(s for s in index.samples if s.source_split)
+        if own.samples and len({s.source_split for s in own.samples}) > 1:
+            roles: dict[str, list] = {}
+            for s in own.samples:
+                roles.setdefault(s.source_split, []).append(s)
+            names = sorted(roles)
+            train_name = next((n for n in names if "train" in n.lower()), names[0])
+            for other in names:
+                if other != train_name:
+                    n = len(cross_pairs(report, roles[train_name], roles[other]))
+                    console.print(f"pairs across the dataset's own split {train_name} x {other}: {n}")
+            sub = index.subset(roles[train_name])
+        else:
+            sub = index
+        rnd = make_split(sub, "holdout-80-20", seed=0)
+        n_rand = len(cross_pairs(report, rnd.samples(sub, "train"), rnd.samples(sub, "test")))
+        console.print(f"pairs across a random 80/20 split of {'TRAIN' if sub is not index else 'the dataset'}: {n_rand}")
+    if out is not None:
+        report.to_json(out)
+        console.print(f"[green]written:[/] {out}")
+
+
 @data_app.command("fetch")
 def data_fetch(
     name: Optional[str] = typer.Argument(None, help="Dataset name (see --list)."),

@@ -112,21 +112,21 @@ def _teardown_logging(handler: logging.Handler) -> None:
 
 
 def warn_leakage(data: PreparedData, warn: Callable[[str], None]) -> int:
-    """Loudly warn when training images have exact or near copies in val/test; returns the pair count."""
-    try:
-        from leuko.data.audit import split_leakage
-    except ImportError:  # pragma: no cover - audit is part of leuko.data
-        return 0
+    """Loudly warn when training images have exact or near copies in val/test; returns the pair count.
+
+    Uses the fast audit stages (file bytes, perceptual hash + pixel check);
+    ``leuko data audit`` adds embeddings for rotated/sheared copies.
+    """
+    from leuko.data.audit import leakage_warning, split_leakage
+
     held_out = data.val + data.test
     if not held_out:
         return 0
     pairs = split_leakage(data.train, held_out)
-    if pairs:
-        example = pairs[0]
-        warn(
-            f"LEAKAGE: {len(pairs)} training image(s) have exact or near-duplicate copies in the validation/test "
-            f"sets (e.g. {Path(example[0]).name} ~ {Path(example[1]).name}); held-out scores will be optimistic"
-        )
+    message = leakage_warning(pairs, sides=("train", "val/test"), n_b=len(held_out))
+    if message:
+        log.warning(message)
+        warn(message)
     return len(pairs)
 
 
