@@ -74,24 +74,12 @@ class Predictor:
             resize=self.input.get("resize", "stretch"),
         )
 
-    @torch.no_grad()
     def logits_for(self, samples: Sequence[Sample], *, cache: bool = False, num_workers: int | None = None, tta: bool = False) -> np.ndarray:
         """Raw logits (before temperature) of readable samples, in order."""
-        if not samples:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        c2i = {s.label: 0 for s in samples}
-        ds = SampleDataset(samples, c2i, self.image_size, transform=self.transform(), cache=cache)
-        loader = make_loader(ds, self.batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False)
-        out: list[np.ndarray] = []
-        for x, _ in loader:
-            x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-            logits = self.model(x)
-            if tta:
-                logits = logits + self.model(torch.flip(x, dims=[3])) + self.model(torch.flip(x, dims=[2]))
-                logits = logits + self.model(torch.rot90(x, 1, dims=[2, 3]))
-                logits = logits / 4.0
-            out.append(logits.float().cpu().numpy())
-        return np.concatenate(out)
+        return batched_logits(
+            self.model, samples, self.transform(), self.image_size, device=self.device,
+            batch_size=self.batch_size, cache=cache, num_workers=num_workers, tta=tta,
+        )
 
     def predict_samples(self, samples: Sequence[Sample], *, check: bool = True, tta: bool = False, cache: bool = False) -> Prediction:
         """Probabilities for samples; unreadable ones go to ``failed`` with the reason."""
@@ -112,3 +100,39 @@ class Predictor:
         samples = [Sample(path=Path(p), label="?") for p in paths]
         return self.predict_samples(samples, tta=tta)
 
+
+@torch.no_grad()
+def batched_logits(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    transform: Any,
+    image_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    cache: bool = False,
+    num_workers: int | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """Logits of ``model`` (put in eval mode) for ``samples``, batched; optional flip/rotation TTA."""
+    if not samples:
+        return np.zeros((0, 0), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    c2i = {s.label: 0 for s in samples}
+    ds = SampleDataset(samples, c2i, image_size, transform=transform, cache=cache)
+    loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False)
+    out: list[np.ndarray] = []
+    try:
+        for x, _ in loader:
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            if tta:
+                views = (torch.flip(x, dims=[3]), torch.flip(x, dims=[2]), torch.rot90(x, 1, dims=[2, 3]))
+                for v in views:
+                    logits = logits + model(v.contiguous(memory_format=torch.channels_last))
+                logits = logits / (1 + len(views))
+            out.append(logits.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out)

@@ -232,14 +232,54 @@ def train(
             from leuko.train.lightning_fit import fit_lightning
 
             result = fit_lightning(model, cfg, data, run, resume=resume, echo=echo)
-        result.wall_time_s = time.perf_counter() - t0
         if rank == 0:
-            save_model(run.model, model, model_meta(cfg, data.classes, info, pretrained))
-            run.write_json("summary.json", result.to_dict())
+            meta = model_meta(cfg, data.classes, info, pretrained)
+            calibration = calibrate(model, cfg, data, info)
+            if calibration:
+                meta["temperature"] = calibration["temperature"]
+                echo(
+                    f"calibration on {calibration['n']} validation images: temperature {calibration['temperature']:.3f}, "
+                    f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
+                )
+            save_model(run.model, model, meta)
+            result.wall_time_s = time.perf_counter() - t0
+            run.write_json("summary.json", {**result.to_dict(), "calibration": calibration})
         return result
     finally:
         if rank == 0:
             _teardown_logging(handler)
+
+
+def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: Any) -> dict[str, Any] | None:
+    """Fit a temperature on the validation split (Guo et al. 2017); None without one.
+
+    Temperature scaling changes confidence, never the predicted class, so it
+    is always safe to apply; ``predict`` and ``evaluate`` use the stored value.
+    """
+    if len(data.val) < 10:
+        return None
+    import numpy as np
+
+    from leuko.data.transforms import build_transforms
+    from leuko.evaluate.calibration import ece, fit_temperature, nll, softmax
+    from leuko.infer.predictor import batched_logits
+
+    transform = build_transforms(
+        cfg.data.image_size, train=False, preprocess=cfg.data.preprocess, mean=info.mean, std=info.std, resize=cfg.data.resize
+    )
+    logits = batched_logits(model, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
+    c2i = {c: i for i, c in enumerate(data.classes)}
+    y = np.array([c2i[s.label] for s in data.val])
+    t = fit_temperature(logits, y)
+    before, after = softmax(logits), softmax(logits, t)
+    return {
+        "n": len(y),
+        "temperature": float(t),
+        "ece_before": float(ece(before, y)),
+        "ece_after": float(ece(after, y)),
+        "nll_before": float(nll(before, y)),
+        "nll_after": float(nll(after, y)),
+    }
 
 
 def model_meta(cfg: RunConfig, classes: list[str], info: Any, pretrained: str) -> dict[str, Any]:
