@@ -149,13 +149,17 @@ def test_no_pyplot_figures_leak(tmp_path: Path, data: tuple) -> None:
 
 
 def test_evaluate_layer_does_not_import_train_or_cli() -> None:
-    """Static check of every import in leuko/evaluate (cheaper and stricter than importing it)."""
+    """Static check of every import in leuko/evaluate (cheaper and stricter than importing it).
+
+    The building blocks (metrics, calibration, figures) are pure; only ``run.py``,
+    which reads a run folder, may use the training config to rebuild its split.
+    """
     import ast
 
     import leuko.evaluate
 
-    forbidden = ("leuko.train", "leuko.cli", "leuko.serve")
     for src in Path(leuko.evaluate.__file__).parent.glob("*.py"):
+        forbidden = ("leuko.cli", "leuko.serve") if src.name == "run.py" else ("leuko.train", "leuko.cli", "leuko.serve")
         for node in ast.walk(ast.parse(src.read_text())):
             names = []
             if isinstance(node, ast.Import):
