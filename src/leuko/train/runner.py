@@ -44,12 +44,13 @@ class TrainResult:
 
 
 def resolve_pretrained(config: RunConfig) -> str:
-    """``auto`` → ``bundled`` for models with offline weights, else ``imagenet``."""
+    """``auto`` → the model's own default: ``bundled`` for models with offline weights,
+    ``none`` for ``custom_cnn``, else ``imagenet`` (which needs the internet)."""
     from leuko.models import model_info
 
     if config.model.pretrained != "auto":
         return config.model.pretrained
-    return "bundled" if model_info(config.model.name).bundled else "imagenet"
+    return model_info(config.model.name).default_pretrained
 
 
 def uses_feature_path(config: RunConfig) -> bool:
