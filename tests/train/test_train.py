@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_cell
+from cells import make_cell
 from leuko.errors import LeukoError
 from leuko.runs import RunFolder, load_model
 from leuko.train import load_config, train

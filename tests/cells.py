@@ -1,0 +1,26 @@
+"""Synthetic cell images for tests (importable as ``cells`` from any test module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_cell(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0, hue: int = 0, fmt: str | None = None) -> Path:
+    """Write a synthetic cell image (deterministic for ``seed``)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.empty((h, w, 3), dtype=np.float32)
+    img[...] = (230, 200, 205)
+    cx, cy = w / 2 + rng.uniform(-w / 8, w / 8), h / 2 + rng.uniform(-h / 8, h / 8)
+    r = min(w, h) * rng.uniform(0.2, 0.35)
+    mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+    base = np.array([(120 + hue) % 256, 60, (170 + 2 * hue) % 256], dtype=np.float32)
+    img[mask] = base + rng.normal(0, 25, size=(int(mask.sum()), 3))
+    img += rng.normal(0, 6, size=img.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, format=fmt)
+    return path
