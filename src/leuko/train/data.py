@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from leuko.data import DatasetIndex, Sample, load_dataset
 from leuko.data.locate import resolve_data
 from leuko.data.splits import Split, make_split
+from leuko.data.transforms import Transform, build_transforms
 from leuko.errors import LeukoError
 from leuko.train.config import DataConfig
 
@@ -124,3 +126,18 @@ def prepare_data(
     if missing:
         raise LeukoError(f"class(es) {missing} have no training image after the split")
     return PreparedData(index, split, list(index.classes), train, val, test)
+
+
+def run_transform(cfg: DataConfig, info: Any, *, train: bool, seed: int | None = None) -> Transform:
+    """The transform of a run: the config's size, resize, preprocessing (and augmentation when
+    ``train``), with the model's normalisation. One place, so training, features and calibration agree."""
+    return build_transforms(
+        cfg.image_size,
+        train=train,
+        augment=cfg.augment if train else "none",
+        preprocess=cfg.preprocess,
+        mean=info.mean,
+        std=info.std,
+        resize=cfg.resize,
+        seed=seed,
+    )

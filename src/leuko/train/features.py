@@ -26,12 +26,11 @@ from torch import nn
 
 from leuko.data.pipeline import SampleDataset, make_loader
 from leuko.data.samples import Sample
-from leuko.data.transforms import build_transforms
 from leuko.paths import cache_dir
 from leuko.runs import RunFolder
 from leuko.train.callbacks import append_metrics_row
 from leuko.train.config import RunConfig
-from leuko.train.data import PreparedData
+from leuko.train.data import PreparedData, run_transform
 from leuko.train.module import build_optimizer, lr_factor
 
 log = logging.getLogger("leuko.train")
@@ -83,9 +82,7 @@ def feature_key(model: nn.Module, cfg: RunConfig, samples: Sequence[Sample]) -> 
 def compute_features(model: nn.Module, samples: Sequence[Sample], cfg: RunConfig, batch_size: int = 64) -> torch.Tensor:
     """Inputs of the head for each sample, in order (model in eval mode, no augmentation)."""
     info = model.leuko_info  # type: ignore[attr-defined]
-    transform = build_transforms(
-        cfg.data.image_size, train=False, preprocess=cfg.data.preprocess, mean=info.mean, std=info.std, resize=cfg.data.resize
-    )
+    transform = run_transform(cfg.data, info, train=False)
     labels = sorted({s.label for s in samples})
     ds = SampleDataset(samples, {c: i for i, c in enumerate(labels)}, cfg.data.image_size, transform=transform, cache=cfg.data.cache)
     loader = make_loader(ds, batch_size, shuffle=False, num_workers=cfg.data.num_workers, persistent_workers=False)

@@ -20,11 +20,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
 from leuko.data.pipeline import SampleDataset, make_loader
-from leuko.data.transforms import build_transforms
 from leuko.runs import RunFolder
 from leuko.train.callbacks import EpochMetricsCSV, SaveOnInterrupt, truncate_metrics
 from leuko.train.config import RunConfig
-from leuko.train.data import PreparedData
+from leuko.train.data import PreparedData, run_transform
 from leuko.train.module import LeukoClassifier
 
 log = logging.getLogger("leuko.train")
@@ -41,9 +40,8 @@ def build_loaders(model: torch.nn.Module, cfg: RunConfig, data: PreparedData) ->
     """Train and validation DataLoaders (decoded-image cache, augmentation, balanced sampling)."""
     info = model.leuko_info  # type: ignore[attr-defined]
     c2i = {c: i for i, c in enumerate(data.classes)}
-    common = dict(preprocess=cfg.data.preprocess, mean=info.mean, std=info.std, resize=cfg.data.resize)
-    t_train = build_transforms(cfg.data.image_size, train=True, augment=cfg.data.augment, seed=cfg.train.seed, **common)
-    t_eval = build_transforms(cfg.data.image_size, train=False, **common)
+    t_train = run_transform(cfg.data, info, train=True, seed=cfg.train.seed)
+    t_eval = run_transform(cfg.data, info, train=False)
     cache: Any = cfg.data.cache
     if cfg.data.cache:
         from leuko.data.pipeline import DecodedCache

@@ -261,13 +261,12 @@ def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: 
         return None
     import numpy as np
 
-    from leuko.data.transforms import build_transforms
     from leuko.evaluate.calibration import ece, fit_temperature, nll, softmax
     from leuko.infer.predictor import batched_logits
 
-    transform = build_transforms(
-        cfg.data.image_size, train=False, preprocess=cfg.data.preprocess, mean=info.mean, std=info.std, resize=cfg.data.resize
-    )
+    from leuko.train.data import run_transform
+
+    transform = run_transform(cfg.data, info, train=False)
     logits = batched_logits(model, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
     c2i = {c: i for i, c in enumerate(data.classes)}
     y = np.array([c2i[s.label] for s in data.val])
