@@ -103,6 +103,8 @@ def _setup_logging(run: RunFolder) -> logging.Handler:
         lg = logging.getLogger(name)
         lg.addHandler(handler)
         lg.setLevel(logging.INFO)
+    # Lightning's start-up chatter (GPU/TPU availability, product tips) is not for our users' consoles.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     return handler
 
 
