@@ -483,6 +483,7 @@ def make_loader(
     pin_memory: bool | None = None,
     persistent_workers: bool = True,
     prefetch_factor: int | None = None,
+    sampler: Any | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` with sensible settings for leuko datasets.
 
@@ -490,6 +491,7 @@ def make_loader(
         num_workers: default :func:`default_num_workers`.
         seed: makes shuffling and augmentation reproducible (given the same
             ``num_workers``).
+        sampler: a custom sampler (e.g. class-balanced); needs ``shuffle=False``.
         pin_memory: default on only when CUDA is available (it is pure cost on CPU).
         persistent_workers: keep workers across epochs (saves the start-up cost
             each epoch); ignored with ``num_workers=0``.
@@ -518,6 +520,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         generator=generator,
         drop_last=drop_last,

@@ -53,15 +53,7 @@ def build_loaders(model: torch.nn.Module, cfg: RunConfig, data: PreparedData) ->
         w = class_weights_for(train_ds.targets, len(data.classes))[torch.tensor(train_ds.targets)]
         gen = torch.Generator().manual_seed(cfg.train.seed)
         sampler = torch.utils.data.WeightedRandomSampler(w.double(), num_samples=len(train_ds), replacement=True, generator=gen)
-        train_loader = make_loader(train_ds, cfg.train.batch_size, shuffle=False, **loader_kw)
-        train_loader = torch.utils.data.DataLoader(
-            train_ds,
-            batch_size=cfg.train.batch_size,
-            sampler=sampler,
-            num_workers=train_loader.num_workers,
-            worker_init_fn=train_loader.worker_init_fn,
-            persistent_workers=train_loader.num_workers > 0,
-        )
+        train_loader = make_loader(train_ds, cfg.train.batch_size, sampler=sampler, **loader_kw)
     else:
         train_loader = make_loader(
             train_ds, cfg.train.batch_size, shuffle=cfg.train.shuffle, drop_last=len(train_ds) > cfg.train.batch_size, **loader_kw

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from PIL import Image, UnidentifiedImageError
 
 from leuko.data.imageio import check_image, is_image_name
 from leuko.data.samples import SkippedItem
@@ -27,18 +26,6 @@ class ScanResult:
     empty_classes: list[str] = field(default_factory=list)
 
 
-def _header_reason(path: Path) -> str | None:
-    try:
-        if path.stat().st_size == 0:
-            return "zero-byte file"
-        with Image.open(path):
-            return None
-    except UnidentifiedImageError:
-        return "not an image (unrecognised file content)"
-    except (OSError, ValueError, SyntaxError) as exc:
-        return f"cannot open image ({exc})"
-
-
 def verify_files(paths: list[Path], verify: str) -> dict[Path, str]:
     """Reasons for the unusable files among ``paths`` (``verify``: header/full/none)."""
     if verify == "none" or not paths:
@@ -46,7 +33,7 @@ def verify_files(paths: list[Path], verify: str) -> dict[Path, str]:
     if verify == "full":
         fn: Callable[[Path], str | None] = lambda p: check_image(p, full_decode=True)[1]  # noqa: E731
     else:
-        fn = _header_reason
+        fn = lambda p: check_image(p, full_decode=False)[1]  # noqa: E731
     with ThreadPoolExecutor(max_workers=4) as pool:
         reasons = list(pool.map(fn, paths, chunksize=64))
     return {p: r for p, r in zip(paths, reasons) if r is not None}
