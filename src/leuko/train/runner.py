@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from leuko.errors import LeukoError
+from leuko.infer.review import ReviewPolicy
 from leuko.runs import RunFolder, save_model
 from leuko.train.config import RunConfig, load_config
 from leuko.train.data import PreparedData, prepare_data
@@ -240,10 +241,12 @@ def train(
             calibration = calibrate(model, cfg, data, info)
             if calibration:
                 meta["temperature"] = calibration["temperature"]
+                meta["review"] = calibration["review"]
                 echo(
                     f"calibration on {calibration['n']} validation images: temperature {calibration['temperature']:.3f}, "
                     f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
                 )
+                echo(ReviewPolicy.from_meta(meta).describe())
             save_model(run.model, model, meta)
             result.wall_time_s = time.perf_counter() - t0
             run.write_json("summary.json", {**result.to_dict(), "calibration": calibration})
@@ -254,10 +257,12 @@ def train(
 
 
 def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: Any) -> dict[str, Any] | None:
-    """Fit a temperature on the validation split (Guo et al. 2017); None without one.
+    """Fit a temperature and the review policy on the validation split (Guo et al. 2017); None without one.
 
     Temperature scaling changes confidence, never the predicted class, so it
     is always safe to apply; ``predict`` and ``evaluate`` use the stored value.
+    The review thresholds (:mod:`leuko.infer.review`) are chosen on the same
+    calibrated validation outputs.
     """
     if len(data.val) < 10:
         return None
@@ -265,6 +270,7 @@ def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: 
 
     from leuko.evaluate.calibration import ece, fit_temperature, nll, softmax
     from leuko.infer.predictor import batched_logits
+    from leuko.infer.review import fit_review
 
     from leuko.train.data import run_transform
 
@@ -274,6 +280,7 @@ def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: 
     y = np.array([c2i[s.label] for s in data.val])
     t = fit_temperature(logits, y)
     before, after = softmax(logits), softmax(logits, t)
+    review = fit_review(logits, y, t, split_name="the validation split")
     return {
         "n": len(y),
         "temperature": float(t),
@@ -281,6 +288,7 @@ def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: 
         "ece_after": float(ece(after, y)),
         "nll_before": float(nll(before, y)),
         "nll_after": float(nll(after, y)),
+        "review": review.to_dict(),
     }
 
 
