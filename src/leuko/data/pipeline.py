@@ -34,8 +34,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from leuko.data.imageio import ResizeMode, load_rgb
+from leuko.data.preprocess import Preprocess, available_cpus
+from leuko.data.preprocess import decode_sample as _decode_sample
 from leuko.data.samples import Sample
-from leuko.data.transforms import Preprocess, Transform
+from leuko.data.transforms import Transform
 from leuko.errors import LeukoError
 from leuko.paths import cache_dir
 
@@ -49,28 +51,13 @@ ProgressFn = Callable[[int, int], None]
 """``progress(done, total)``, called while a cache is being built."""
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (respects affinity masks and containers' cpusets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # macOS/Windows
-        return max(1, os.cpu_count() or 1)
-
-
 def decode_sample(sample: Sample, preprocess: Preprocess, *, draft: bool = True) -> np.ndarray:
-    """Decode one sample (honouring its crop box) and run the deterministic steps.
+    """Decode one sample and run the deterministic steps (:func:`leuko.data.preprocess.decode_sample`).
 
-    The single place that turns a :class:`Sample` into pixels, so the cached
-    and uncached paths cannot drift apart.
+    Kept here, passing this module's ``load_rgb``, so the cache and the
+    dataset decode through one seam that tests can count.
     """
-    image = load_rgb(
-        sample.path,
-        preprocess.decode_size,
-        crop=sample.crop,
-        resize=preprocess.resize,
-        draft=draft,
-    )
-    return preprocess(image)
+    return _decode_sample(sample, preprocess, draft=draft, load=load_rgb)
 
 
 # --------------------------------------------------------------------------- #
