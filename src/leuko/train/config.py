@@ -9,7 +9,7 @@ overrides go through the same validation).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,7 +126,7 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
         loc = ".".join(str(p) for p in err["loc"]) or "config"
@@ -143,34 +143,42 @@ def _format_error(exc: ValidationError) -> str:
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["train.lr=1e-4", "model.name=resnet50"]`` → nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
+    pairs: list[tuple[str, Any]] = []
     for item in overrides:
         if "=" not in item:
             raise LeukoError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not p for p in key.split(".")):
-            raise LeukoError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        pairs.append((key.strip(), value))
+    return nest_dotted(pairs)
+
+
+def nest_dotted(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """``[("train.lr", 1e-4)]`` → ``{"train": {"lr": 1e-4}}``; shared by ``--set`` and grid cells."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not key or any(not p for p in key.split(".")):
+            raise LeukoError(f"override {key!r} has an empty key part")
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise LeukoError(f"override {item!r} conflicts with another override of {p!r}")
+                raise LeukoError(f"override {key!r} conflicts with another override of {p!r}")
             node = nxt
         node[parts[-1]] = value
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of config mappings: ``extra`` wins, sections merge key by key."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_config(out[k], v)
         else:
             out[k] = v
     return out
@@ -178,29 +186,32 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Validate a config mapping plus overrides; LeukoError with one line on failure."""
-    merged = _merge(raw, parse_overrides(overrides))
+    merged = merge_config(raw, parse_overrides(overrides))
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as exc:
-        raise LeukoError(_format_error(exc)) from None
+        raise LeukoError(format_validation_error(exc)) from None
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; one-line LeukoError otherwise (shared by configs and grids)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LeukoError(f"{what} file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise LeukoError(f"{what} {p} is not valid YAML{at}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise LeukoError(f"{what} {p} must be a mapping of sections (data, model, train, trainer)")
+    return loaded
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (``None`` = all defaults) and apply ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise LeukoError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            at = f" (line {where.line + 1})" if where is not None else ""
-            raise LeukoError(f"config {p} is not valid YAML{at}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise LeukoError(f"config {p} must be a mapping of sections (data, model, train, trainer)")
-        raw = loaded
+    raw = read_yaml_mapping(path) if path is not None else {}
     return config_from_dict(raw, overrides)
