@@ -269,6 +269,55 @@ def train_cmd(
     )
 
 
+def _rows_table(title: str, rows: list[dict], columns: list[str]) -> Table:
+    """A Rich table of result rows (floats to 4 places, missing as blank)."""
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c == "cell" else "right")
+    for r in rows:
+        table.add_row(*["" if r.get(c) is None else f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r[c]) for c in columns])
+    return table
+
+
+@app.command("cv")
+def cv_cmd(
+    config: Path = typer.Argument(..., help="YAML run config to cross-validate."),
+    folds: int = typer.Option(5, "--folds", "-k", help="Number of folds (K)."),
+    grouped: bool = typer.Option(False, "--grouped", help="Group K-fold: a patient/cell group never straddles folds."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (overrides data.path)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<config>-cv<K>); re-run to resume."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a config key (repeatable)."),
+) -> None:
+    """Stratified (or group) K-fold cross-validation: a run per fold, a table per fold, mean ± std."""
+    from leuko.evaluate.grid import cross_validate
+    from leuko.evaluate.metrics import format_mean_std
+    from leuko.train.config import load_config
+
+    cfg = load_config(config, set_)
+    target = out or Path("runs") / f"{config.stem}-cv{folds}"
+    res = cross_validate(cfg, target, folds, grouped=grouped, data_path=data, echo=console.print)
+    console.print(_rows_table(f"{folds}-fold cross-validation", res["folds"], ["cell", "accuracy", "precision", "recall", "f1", "n_test", "train_time_min"]))
+    for key, v in res["summary"].items():
+        console.print(f"{key:>18}: {format_mean_std(v['mean'], v['std'])}")
+    console.print(f"[green]written:[/] {res['out']}/cv.csv, cv.md, cv.json, cv.png")
+
+
+@app.command("compare")
+def compare_cmd(
+    grid: Path = typer.Argument(..., help="Grid YAML: a base config plus named cells and/or a grid of values."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (overrides data.path)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<grid name>); re-run to resume."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a config key in every cell (repeatable)."),
+) -> None:
+    """Train and evaluate every cell of a grid (resumable); writes a comparison table (CSV, Markdown) and a bar chart."""
+    from leuko.evaluate.grid import compare
+
+    res = compare(grid, out, overrides=set_, data_path=data, echo=console.print)
+    cols = [c for c in res["table"].columns if not c.endswith("_std") and c not in ("balanced_accuracy", "weighted_f1", "ece")]
+    console.print(_rows_table(f"comparison ({len(res['rows'])} cells)", res["rows"], cols))
+    console.print(f"[green]written:[/] {res['csv']}, {res['md']}, {res['out']}/compare.png")
+
+
 @app.command("demo")
 def demo_cmd(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="PBC folder (default: $LEUKO_DATA_DIR, leuko's cache, or ../shared/datasets)."),
@@ -335,10 +384,51 @@ def evaluate_cmd(
     console.print(f"[green]written:[/] {m['out_dir']}")
 
 
+@app.command("explain")
+def explain_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder (or its model.pt)."),
+    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the Grad-CAM PNGs."),
+    class_: Optional[str] = typer.Option(None, "--class", "-c", help="Explain this class instead of the predicted one."),
+    alpha: float = typer.Option(0.4, "--alpha", help="Heat-map opacity in the overlay (0-1)."),
+) -> None:
+    """Grad-CAM heat maps: where in each image the evidence for the class lies (one PNG per image)."""
+    from leuko.explain import explain_images
+
+    result = explain_images(run_dir, paths, out, target=class_, alpha=alpha)
+    for path, reason in result.failed:
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    table = Table(show_edge=False)
+    table.add_column("image")
+    table.add_column("prediction")
+    if class_ is not None:
+        table.add_column(f"p({class_})", justify="right")
+    table.add_column("PNG")
+    for r in result.images:
+        extra = [f"{r.explained_p:.3f}"] if class_ is not None else []
+        table.add_row(r.path.name, f"{r.pred} ({r.confidence:.3f})", *extra, str(r.png))
+    console.print(table)
+    console.print(f"{len(result.images)} explained (layer {result.layer}), {len(result.failed)} unreadable; [green]written:[/] {out}")
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder written by 'leuko train'."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset to evaluate on when the run has no evaluation yet (default: the run's own)."),
+    layout: Optional[str] = LayoutOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN_DIR/report.html); a .md and a figures folder go beside it."),
+) -> None:
+    """One self-contained HTML report (and Markdown) of a run: config, data, training, metrics, calibration, Grad-CAMs."""
+    from leuko.reports import write_report
+
+    written = write_report(run_dir, out=out, data=data, layout=layout, echo=console.print)
+    console.print(f"[green]written:[/] {written.html}  (Markdown: {written.markdown}, figures: {written.figures})")
+
+
 # ------------------------------------------------------------------ predict
 @app.command("predict")
 def predict_cmd(
-    model: Path = typer.Argument(..., help="A run folder (or its model.pt)."),
+    model: Path = typer.Argument(..., help="A run folder, its model.pt, or a MODEL.onnx from 'leuko export' (runs without torch)."),
     paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to .csv or .json."),
     tta: bool = typer.Option(False, "--tta", help="Average over flips and a 90-degree rotation."),
@@ -368,6 +458,40 @@ def predict_cmd(
     console.print("predicted: " + ", ".join(f"{k} {v}" for k, v in dict(counts).items()) + f"; {len(result.failed)} unreadable")
     if out is not None:
         console.print(f"[green]written:[/] {write_predictions(result, out)}")
+
+
+# ------------------------------------------------------------------- export
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder (or its model.pt)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default RUN_DIR/model.onnx)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Export the model to ONNX with its classes, preprocessing and temperature; 'leuko predict MODEL.onnx' runs it."""
+    from leuko.infer.onnx import export_onnx
+
+    result = export_onnx(run_dir, out, fmt=fmt, force=force)
+    meta = result.meta
+    console.print(
+        f"{meta['model'].get('name', '?')}, {len(meta['classes'])} classes, input {meta['input']['image_size']} px, "
+        f"temperature {float(meta.get('temperature', 1.0)):.3f}, opset {result.opset}; "
+        f"max |logit difference| vs PyTorch {result.max_abs_diff:.1e}"
+    )
+    console.print(f"[green]written:[/] {result.path} ({result.size_bytes / 2**20:.1f} MiB)")
+
+
+# ------------------------------------------------------------------ serve
+@app.command("serve")
+def serve_cmd(
+    model: Path = typer.Argument(..., help="A run folder (or its model.pt) or an exported .onnx file."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default; the service has no login)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
+) -> None:
+    """The lab service: HTTP API (predict, explain, count) and a review page at http://HOST:PORT/."""
+    from leuko.serve import serve
+
+    serve(model, host=host, port=port, echo=console.print)
 
 
 # ------------------------------------------------------------------ entry
