@@ -361,7 +361,7 @@ def evaluate_cmd(
     layout: Optional[str] = LayoutOpt,
     split: str = typer.Option("test", "--split", help="train, val, test (of the run's split) or all."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>)."),
-    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML/JSON with 'merge' and 'exclude' to match another label set."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML/JSON with 'merge' and 'exclude' to match another label set, or a shipped map by name (pbc-to-bccd)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (flips, 90-degree rotation)."),
 ) -> None:
     """Metrics (with 95% CIs), predictions.csv, confusion matrices, curves and a classification report."""

@@ -46,9 +46,16 @@ class ClassMap:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClassMap":
+        """Read a class map file, or a shipped one by name (``pbc-to-bccd``)."""
         p = Path(path)
         if not p.is_file():
-            raise LeukoError(f"class map not found: {p}")
+            from leuko.recipes import RECIPES_DIR
+
+            shipped = RECIPES_DIR / "classmaps" / f"{path}.yaml"
+            if not shipped.is_file():
+                names = sorted(q.stem for q in (RECIPES_DIR / "classmaps").glob("*.yaml"))
+                raise LeukoError(f"class map not found: {p} (shipped maps: {', '.join(names)})")
+            p = shipped
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -168,6 +175,10 @@ def evaluate_run(
     metrics["temperature"] = predictor.temperature
     metrics["tta"] = tta
     out_dir.mkdir(parents=True, exist_ok=True)
+    if run.metrics.is_file():
+        from leuko.evaluate.tables import epoch_table, write_table
+
+        write_table(epoch_table(run.metrics), out_dir / "epochs", title=f"Per-epoch accuracy and loss: {run.path.name}")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     frame = predictions_frame([str(s.path) if s.crop is None else s.key for s in kept], y, probs, target_classes)
     frame.to_csv(out_dir / "predictions.csv", index=False)

@@ -1,0 +1,120 @@
+"""``leuko evaluate`` on a trained run: files agree with each other, class maps, another lab's data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cells import make_cell
+from leuko.errors import LeukoError
+from leuko.evaluate.run import ClassMap, evaluate_run
+from leuko.train import train
+from test_cli import call
+
+CLASSES = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+TINY = [
+    "model.name=custom_cnn",
+    "model.pretrained=none",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.split=holdout-60-20-20",
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.lr=0.01",
+    "trainer.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("evalrun")
+    root = base / "cells"
+    for ci, cls in enumerate(CLASSES):
+        for i in range(20):
+            make_cell(root / cls / f"{i}.png", size=(48, 48), seed=1000 * ci + i, hue=60 * ci)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEUKO_CACHE_DIR", str(base / "cache"))
+    train(None, base / "run", overrides=TINY, data_path=root, echo=lambda s: None)
+    yield base / "run"
+    mp.undo()
+
+
+def test_evaluate_files_agree(tiny_run: Path, tmp_path: Path) -> None:
+    m = evaluate_run(tiny_run, out=tmp_path / "ev", echo=lambda s: None)
+    out = tmp_path / "ev"
+    saved = json.loads((out / "metrics.json").read_text())
+    frame = pd.read_csv(out / "predictions.csv")
+    n = len(frame)
+    assert n == saved["n"] == m["data"]["n_images"] == 16  # the 20% test part of 80 images
+    # accuracy recomputed from predictions.csv equals metrics.json
+    assert (frame["true"] == frame["pred"]).mean() == pytest.approx(saved["accuracy"], abs=1e-12)
+    probs = frame[[f"p_{c}" for c in CLASSES]].to_numpy()
+    assert np.abs(probs.sum(axis=1) - 1).max() < 1e-5
+    assert (np.array(CLASSES)[probs.argmax(1)] == frame["pred"]).all()
+    cm = np.array(saved["confusion_matrix"])
+    assert cm.sum() == n and cm.trace() == (frame["true"] == frame["pred"]).sum()
+    assert [cm[i].sum() for i in range(4)] == [int((frame["true"] == c).sum()) for c in CLASSES]  # rows = true class
+    for key in ("balanced_accuracy", "macro_f1", "weighted_f1", "ece", "roc_auc_ovr", "ci95", "per_class"):
+        assert key in saved, key
+    lo, hi = saved["ci95"]["accuracy"]
+    assert lo <= saved["accuracy"] <= hi
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "training_curves.png", "reliability.png"):
+        assert (out / name).stat().st_size > 500, name
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert list(epochs["epoch"]) == [1, 2, 3] and {"train_acc", "val_acc", "train_loss", "val_loss"} <= set(epochs.columns)
+    assert "| epoch |" in (out / "epochs.md").read_text()
+    report = (out / "report.txt").read_text()
+    assert "macro avg" in report and "weighted avg" in report and all(c in report for c in CLASSES)
+
+
+def test_class_map_merges_and_excludes_on_another_label_set(tiny_run: Path, tmp_path: Path) -> None:
+    # Another "lab": only granulocytes vs lymphocytes, with a model trained on 4 classes.
+    lab = tmp_path / "lab"
+    for cls, hue, n in (("granulocyte", 180, 6), ("lymphocyte", 60, 5)):
+        for i in range(n):
+            make_cell(lab / cls / f"{i}.png", size=(48, 48), seed=77 + i + hue, hue=hue)
+    cmap = tmp_path / "map.yaml"
+    cmap.write_text("merge: {neutrophil: granulocyte, eosinophil: granulocyte}\nexclude: [monocyte]\n")
+    m = evaluate_run(tiny_run, data=lab, out=tmp_path / "ev", class_map=cmap, figures=False, echo=lambda s: None)
+    assert m["classes"] == ["granulocyte", "lymphocyte"] and m["n"] == 11
+    assert np.array(m["confusion_matrix"]).sum() == 11
+    notes = " ".join(m["class_map"]["notes"])
+    assert "'neutrophil' merged into 'granulocyte'" in notes and "'monocyte' excluded" in notes
+    frame = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    assert list(frame.columns[-2:]) == ["p_granulocyte", "p_lymphocyte"]
+    assert np.allclose(frame[["p_granulocyte", "p_lymphocyte"]].sum(axis=1), 1.0, atol=1e-6)
+    # Target classes the model lacks are an error, through the CLI too.
+    with pytest.raises(LeukoError, match="classes the model cannot predict"):
+        evaluate_run(tiny_run, data=lab, out=tmp_path / "ev2", figures=False, echo=lambda s: None)
+    assert call(["evaluate", str(tiny_run), "--data", str(lab), "--out", str(tmp_path / "ev3")]) == 2
+
+
+def test_shipped_class_map_by_name() -> None:
+    cm = ClassMap.load("pbc-to-bccd")
+    assert cm.merge == {"ig": "neutrophil"} and sorted(cm.exclude) == ["erythroblast", "platelet"]
+    with pytest.raises(LeukoError, match="shipped maps: pbc-to-bccd"):
+        ClassMap.load("no-such-map")
+
+
+@pytest.mark.shared
+def test_pbc_model_on_bccd_crops_reports_five_classes(shared_datasets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PBC-trained run evaluates on another lab's BCCD crops through the shipped class map."""
+    monkeypatch.setenv("LEUKO_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "pbc"
+    train(None, run, overrides=[
+        "model.name=efficientnet_lite0", "model.freeze=backbone", "data.per_class=40", "data.image_size=128",
+        "data.preprocess=[center-crop:0.6]", "train.epochs=30", "train.lr=0.003", "train.batch_size=64",
+        "trainer.progress=false",
+    ], data_path=shared_datasets / "pbc", echo=lambda s: None)
+    m = evaluate_run(run, data=shared_datasets / "bccd", layout="bccd", class_map="pbc-to-bccd", out=tmp_path / "bccd", echo=lambda s: None)
+    assert m["classes"] == sorted(["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"])
+    assert m["n"] == 356 and np.array(m["confusion_matrix"]).sum() == 356
+    assert set(m["per_class"]) == set(m["classes"])
+    assert any("'ig' merged into 'neutrophil'" in n for n in m["class_map"]["notes"])
+    frame = pd.read_csv(tmp_path / "bccd" / "predictions.csv")
+    assert len(frame) == 356 and (frame["true"] == frame["pred"]).mean() == pytest.approx(m["accuracy"])
+    # No accuracy bar here: a plain PBC model is near chance on BCCD (domain shift); pbc-robust is scored in benchmarks.
