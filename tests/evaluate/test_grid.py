@@ -150,16 +150,19 @@ def test_compare_2x2_writes_table_and_resumes(cells_root: Path, tmp_path: Path, 
 def test_named_cells_cross_the_grid(tmp_path: Path) -> None:
     g = tmp_path / "g.yaml"
     g.write_text(yaml.safe_dump({"base": TINY, "cells": {"a": {"train.lr": 0.1}, "b": {"model.head": "dense128"}},
+                                 "scenarios": {"s1": {"train.batch_size": 4}, "s2": {"train.batch_size": 6, "train.lr": 0.5}},
                                  "grid": {"train.epochs": [1, 2]}}, sort_keys=False))
     spec, cells = load_grid(g)
-    assert [c.name for c in cells] == ["a_epochs-1", "a_epochs-2", "b_epochs-1", "b_epochs-2"]
-    assert cells[0].config.train.lr == 0.1 and cells[3].config.model.head == "dense128" and cells[3].config.train.epochs == 2
+    assert [c.name for c in cells] == [f"{a}_{s}_epochs-{e}" for a in "ab" for s in ("s1", "s2") for e in (1, 2)]
+    first, last = cells[0].config, cells[-1].config
+    assert (first.train.lr, first.train.batch_size, first.train.epochs) == (0.1, 4, 1)  # the cell's lr beats the scenario's
+    assert (last.model.head, last.train.lr, last.train.batch_size, last.train.epochs) == ("dense128", 0.5, 6, 2)
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        ({"model": {"name": "custom_cnn"}}, "looks like a run config"),
+        ({"model": {"name": "custom_cnn"}}, "it looks like a run config"),
         ({"grid": {"train.lr": [0.1]}, "colour": 1}, "unknown key 'colour'"),
         ({"grid": {"train.lrr": [0.1]}}, "unknown key 'train.lrr'"),
         ({"grid": {}}, "must not be empty"),

@@ -23,6 +23,9 @@ Grid file (YAML)::
     cells:                                   # named cells (optional)
       alexnet: {model.name: alexnet}
       vgg16: {model.name: vgg16}
+    scenarios:                               # named override sets crossed with the cells (optional)
+      s1: {train.batch_size: 64, train.lr: 1.0e-4}
+      s2: {train.batch_size: 32, train.lr: 1.0e-5}
     grid:                                    # cartesian product (optional; crossed with cells)
       train.epochs: [10, 20]
       train.batch_size: [16, 32]
@@ -228,13 +231,14 @@ class GridFile(BaseModel):
     base: Optional[dict[str, Any]] = Field(None, description="Inline base run config.")
     set: list[str] = Field(default_factory=list, description="key=value overrides for every cell.")
     cells: Optional[dict[str, dict[str, Any]]] = None
+    scenarios: Optional[dict[str, dict[str, Any]]] = Field(None, description="Named override sets crossed with the cells (e.g. two hyper-parameter scenarios).")
     grid: Optional[dict[str, list[Any]]] = None
     folds: Optional[int] = Field(None, ge=2)
     grouped: bool = False
     eval_split: str = "test"
     notes: list[str] = Field(default_factory=list, description="Printed under the table (e.g. what a protocol cut).")
 
-    @field_validator("cells", "grid")
+    @field_validator("cells", "scenarios", "grid")
     @classmethod
     def _not_empty(cls, v: Any) -> Any:
         if v is not None and not v:
@@ -253,8 +257,8 @@ def load_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     """Read a grid file and expand it into cells (named cells × grid product)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "grid")
-    if "cells" not in raw and "grid" not in raw:
-        raise LeukoError(f"{path} has neither 'cells' nor 'grid': it looks like a run config; use 'leuko train {path}'")
+    if not {"cells", "scenarios", "grid"} & set(raw):
+        raise LeukoError(f"{path} has no 'cells', 'scenarios' or 'grid': it looks like a run config; use 'leuko train {path}'")
     try:
         spec = GridFile.model_validate(raw)
     except ValidationError as exc:
@@ -263,15 +267,16 @@ def load_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise LeukoError(f"grid {path}: give either 'config' (a file) or 'base' (inline), not both")
     base = read_yaml_mapping(path.parent / spec.config) if spec.config else dict(spec.base or {})
     named = list((spec.cells or {"": {}}).items())
+    scenarios = list((spec.scenarios or {"": {}}).items())
     keys = list((spec.grid or {}).keys())
     for k, vals in (spec.grid or {}).items():
         if not isinstance(vals, list) or not vals:
             raise LeukoError(f"grid {path}: '{k}' must list at least one value")
     combos = list(itertools.product(*[(spec.grid or {})[k] for k in keys])) or [()]
     cells: list[Cell] = []
-    for (cell_name, cell_set), combo in itertools.product(named, combos):
-        changes = {**cell_set, **dict(zip(keys, combo))}
-        parts = ([cell_name] if cell_name else []) + [_label(k, v) for k, v in zip(keys, combo)]
+    for (cell_name, cell_set), (sc_name, sc_set), combo in itertools.product(named, scenarios, combos):
+        changes = {**sc_set, **cell_set, **dict(zip(keys, combo))}
+        parts = [p for p in (cell_name, sc_name) if p] + [_label(k, v) for k, v in zip(keys, combo)]
         name = "_".join(parts)
         try:
             cfg = config_from_dict(merge_config(base, nest_dotted(list(changes.items()))), [*spec.set, *overrides])
