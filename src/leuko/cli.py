@@ -308,11 +308,12 @@ def compare_cmd(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder (overrides data.path)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<grid name>); re-run to resume."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a config key in every cell (repeatable)."),
+    only: List[str] = typer.Option([], "--only", help="Run only this cell (repeatable); the table lists the cells run."),
 ) -> None:
     """Train and evaluate every cell of a grid (resumable); writes a comparison table (CSV, Markdown) and a bar chart."""
     from leuko.evaluate.grid import compare
 
-    res = compare(grid, out, overrides=set_, data_path=data, echo=console.print)
+    res = compare(grid, out, overrides=set_, data_path=data, only=only, echo=console.print)
     cols = [c for c in res["table"].columns if not c.endswith("_std") and c not in ("balanced_accuracy", "weighted_f1", "ece")]
     console.print(_rows_table(f"comparison ({len(res['rows'])} cells)", res["rows"], cols))
     console.print(f"[green]written:[/] {res['csv']}, {res['md']}, {res['out']}/compare.png")

@@ -294,12 +294,18 @@ def compare(
     *,
     overrides: list[str] | tuple[str, ...] = (),
     data_path: str | Path | None = None,
+    only: list[str] | tuple[str, ...] = (),
     echo: Echo = print,
 ) -> dict[str, Any]:
-    """Run every cell of a grid file (resumably) and write ``compare.{csv,md,png}`` into ``out``."""
+    """Run every cell of a grid file (or the ``only`` ones), resumably; writes ``compare.{csv,md,png}`` into ``out``."""
     from leuko.evaluate.figures import plot_compare_bars
 
     spec, cells = load_grid(grid, overrides)
+    if only:
+        unknown = sorted(set(only) - {c.name for c in cells})
+        if unknown:
+            raise LeukoError(f"no cell named {', '.join(unknown)} in {grid}; cells: {', '.join(c.name for c in cells)}")
+        cells = [c for c in cells if c.name in set(only)]
     out = Path(out) if out is not None else Path("runs") / (spec.name or Path(grid).stem)
     kind = "compare-cv" if spec.folds else "compare"
     planned = [fc for c in cells for fc in fold_cells(c.config, spec.folds, grouped=spec.grouped, prefix=f"{c.name}/")] if spec.folds else cells
