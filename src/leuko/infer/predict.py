@@ -1,7 +1,9 @@
 """``leuko predict``: classify image files and folders, write CSV/JSON, report unreadable files.
 
 Folders are searched recursively for image files; each unreadable file is
-named with its reason and the rest are still classified.
+named with its reason and the rest are still classified. The model is a run
+folder, its ``model.pt`` (PyTorch) or an exported ``.onnx`` (onnxruntime,
+without importing torch): :func:`leuko.infer.load_predictor` decides.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pandas as pd
 
 from leuko.data.imageio import is_image_name
 from leuko.errors import LeukoError
-from leuko.infer.predictor import Predictor
+from leuko.infer.backends import load_predictor
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
@@ -58,9 +60,9 @@ def predict_images(
     top_k: int = 1,
     batch_size: int = 64,
 ) -> PredictResult:
-    """Classify images with a run folder (or its ``model.pt``); rows follow the sorted file list."""
+    """Classify images with a run folder, its ``model.pt`` or a ``.onnx``; rows follow the sorted file list."""
     paths = collect_images(inputs)
-    predictor = Predictor(model, batch_size=batch_size)
+    predictor = load_predictor(model, batch_size=batch_size)
     if not 1 <= top_k <= len(predictor.classes):
         raise LeukoError(f"--top-k must be between 1 and {len(predictor.classes)}; got {top_k}")
     pred = predictor.predict_paths(paths, tta=tta)
