@@ -135,7 +135,7 @@ def test_compare_2x2_writes_table_and_resumes(cells_root: Path, tmp_path: Path, 
     lines: list[str] = []
     compare(g, out, data_path=cells_root, echo=lines.append)
     assert calls == [(cell_a, True)]
-    assert any(f"[{cell_b}] trained earlier: evaluating" in line for line in lines)
+    assert any(f"cell {cell_b}: trained earlier: evaluating" in line for line in lines)
     assert sum("skipped" in line for line in lines) == 2
     assert (out / cell_a / "model.pt").is_file() and (out / cell_b / "eval" / "test" / "metrics.json").is_file()
 

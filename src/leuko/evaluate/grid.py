@@ -133,19 +133,19 @@ def run_cell(
     metrics_file = run_dir / "eval" / eval_split / "metrics.json"
     run = RunFolder(run_dir)
     if run.model.is_file() and metrics_file.is_file():
-        echo(f"[{cell.name}] done earlier: skipped")
+        echo(f"cell {cell.name}: done earlier: skipped")
     else:
         if run.model.is_file():
-            echo(f"[{cell.name}] trained earlier: evaluating")
+            echo(f"cell {cell.name}: trained earlier: evaluating")
         elif run.last_ckpt.is_file():
-            echo(f"[{cell.name}] interrupted earlier: resuming from its last checkpoint")
+            echo(f"cell {cell.name}: interrupted earlier: resuming from its last checkpoint")
             train(None, run_dir, data_path=data_path, resume=True, echo=echo)
         else:
             if run_dir.exists():
                 # Started but stopped before its first checkpoint: nothing to keep but the log.
-                echo(f"[{cell.name}] stopped before its first epoch ended earlier: starting it again")
+                echo(f"cell {cell.name}: stopped before its first epoch ended earlier: starting it again")
                 shutil.rmtree(run_dir)
-            echo(f"[{cell.name}] training")
+            echo(f"cell {cell.name}: training")
             train(cell.config, run_dir, data_path=data_path, echo=echo)
         evaluate_run(run_dir, split=eval_split, echo=echo)
     metrics = json.loads(metrics_file.read_text())
