@@ -1,0 +1,84 @@
+"""The differential count: how many cells of each class in one sample, with honest uncertainty.
+
+A manual differential counts 100 (sometimes 200) white cells, so every
+percentage is a binomial proportion from a small sample. The 95% interval is
+Wilson's score interval: unlike the textbook ``p ± 1.96·sqrt(p(1-p)/n)`` it
+stays inside [0, 1] and does not collapse to zero width for a class seen 0
+or n times, which is exactly where rare cells (basophils, blasts) sit.
+Counts of fewer than 100 cells get a note, as CLSI H20-A2 bases the reference
+differential on at least 100 (better 200) cells.
+
+One home for this arithmetic: ``POST /count`` counts the model's predictions
+and ``POST /count/labels`` counts the labels the web page holds after review,
+both through :func:`differential_count`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from leuko.errors import LeukoError
+
+MIN_CELLS = 100
+"""Below this many cells a count gets a note (CLSI H20-A2 reference: 100-200 cells)."""
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes out of ``n`` (``(0, 0)`` when ``n == 0``)."""
+    if n <= 0:
+        return 0.0, 0.0
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n]; got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # exact ends for k = 0 and k = n (the formula gives them up to rounding)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def differential_count(labels: Sequence[str], classes: Sequence[str], review: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Counts, percentages and 95% Wilson intervals per class, in the model's class order.
+
+    Args:
+        labels: one class name per cell (predicted or corrected).
+        classes: every class the model knows; classes with no cell are listed with 0.
+        review: per cell, whether it still needs a technologist's look.
+
+    Raises:
+        LeukoError: a label is not one of ``classes``, or ``review`` has another length.
+    """
+    known = set(classes)
+    unknown = sorted({lab for lab in labels if lab not in known})
+    if unknown:
+        raise LeukoError(f"unknown class label(s) {unknown}; the model's classes are {list(classes)}")
+    if review is not None and len(review) != len(labels):
+        raise LeukoError(f"review has {len(review)} entries for {len(labels)} labels")
+    n = len(labels)
+    rows = []
+    for c in classes:
+        k = sum(1 for lab in labels if lab == c)
+        lo, hi = wilson_interval(k, n)
+        rows.append({
+            "label": c,
+            "count": k,
+            "percent": 100.0 * k / n if n else 0.0,
+            "ci95_low": 100.0 * lo,
+            "ci95_high": 100.0 * hi,
+        })
+    note = None
+    if n < MIN_CELLS:
+        note = (f"only {n} cell(s) counted; a differential needs at least {MIN_CELLS} cells "
+                "(CLSI H20-A2), so these percentages are rough: see the 95% intervals")
+    return {
+        "n_cells": n,
+        "n_review": int(sum(bool(r) for r in review)) if review is not None else 0,
+        "counts": rows,
+        "note": note,
+        "interval": "95% Wilson score interval, in percent",
+    }

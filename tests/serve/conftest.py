@@ -1,0 +1,95 @@
+"""Fixtures for the lab service: one tiny trained run (with an evaluation and an ONNX export), live servers.
+
+The run is trained once per session (custom_cnn at 32 px, head only on
+cached features, a few seconds) because every serve test needs a real model.pt with a review policy
+chosen on a validation split, a data.json and a held-out metrics.json.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from cells import make_cell
+
+CLASSES = ["basophil", "eosinophil", "lymphocyte", "neutrophil"]
+TINY = [
+    "model.name=custom_cnn",
+    "model.pretrained=none",
+    "model.freeze=backbone",  # with no augmentation: the frozen-feature path, no Lightning (seconds, not a minute)
+    "data.augment=none",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "train.epochs=10",
+    "train.batch_size=8",
+    "train.lr=0.01",
+    "trainer.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained run folder (4 classes of synthetic cells) with eval/test/metrics.json and model.onnx."""
+    from leuko.evaluate.run import evaluate_run
+    from leuko.infer import export_onnx
+    from leuko.train import train
+
+    base = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEUKO_CACHE_DIR", str(base / "cache"))
+        data = base / "cells"
+        for ci, cls in enumerate(CLASSES):
+            for i in range(30):  # 120 images: >= 10 validation images, so a review policy is fitted
+                make_cell(data / cls / f"{i}.png", size=(48, 48), seed=1000 * ci + i, hue=60 * ci)
+        run = base / "run"
+        train(None, run, overrides=TINY, data_path=data, echo=lambda s: None)
+        evaluate_run(run, figures=False, echo=lambda s: None)
+        export_onnx(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def cell_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Twelve small JPEG cells (three per class) to upload."""
+    root = tmp_path_factory.mktemp("uploads")
+    return [make_cell(root / f"cell_{ci}_{i}.jpg", size=(56, 56), seed=7000 + 10 * ci + i, hue=60 * ci, fmt="JPEG")
+            for ci in range(len(CLASSES)) for i in range(3)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """Run ``app`` on a real uvicorn server on 127.0.0.1 (free port) in a thread; yield its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Any:
+    """The :func:`live_server` context manager, for tests that need a real socket."""
+    return live_server

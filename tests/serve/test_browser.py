@@ -1,0 +1,200 @@
+"""The review page in a real browser (headless Chromium via Playwright) against a real uvicorn server.
+
+A technologist's session in miniature: pick images, wait for the grid,
+correct one label with a key press, see the count change, ask for Grad-CAM,
+export the labels and the count as CSV. Every request the page makes must go
+to the service itself (no CDN, no internet).
+
+Run as a script to take the README screenshot with any model and images::
+
+    python tests/serve/test_browser.py RUN_DIR IMAGE_FOLDER docs/images/serve.png [--n 40]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def chromium_path() -> str | None:
+    found = CHROMIUM if CHROMIUM.is_file() else None
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found is None and shutil.which(name):
+            found = Path(str(shutil.which(name)))
+    return str(found) if found else None
+
+
+def expect(locator: Any) -> Any:
+    from playwright.sync_api import expect as _expect
+
+    return _expect(locator)
+
+
+def open_page(p: Any, url: str, viewport: tuple[int, int] = (1280, 860)) -> tuple[Any, Any, list[str], list[str]]:
+    """A page on ``url`` that records every request leaving for another origin and every console error."""
+    browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
+    foreign: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda req: None if req.url.startswith((url, "blob:", "data:")) else foreign.append(req.url))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    # expect() rather than wait_for_function(): the page's CSP forbids eval, and it stays on in tests
+    expect(page.locator("#model-line")).to_contain_text("classes")
+    return browser, page, foreign, errors
+
+
+def upload_and_wait(page: Any, images: list[Path]) -> None:
+    page.set_input_files("#pick-files", [str(p) for p in images])
+    expect(page.locator("#grid .tile .lab")).to_have_count(len(images), timeout=60_000)
+    expect(page.locator("#count-total")).to_have_text(str(len(images)))
+
+
+def count_table(page: Any) -> dict[str, int]:
+    rows = page.eval_on_selector_all("#count-table tbody tr", "rs => rs.map(r => [r.dataset.label, r.children[1].textContent])")
+    return {label: int(n) for label, n in rows}
+
+
+def download_text(page: Any, button: str) -> tuple[str, str]:
+    with page.expect_download() as info:
+        page.click(button)
+    d = info.value
+    return d.suggested_filename, Path(d.path()).read_text()
+
+
+def test_review_session_in_browser(serve_run: Path, cell_images: list[Path], start_server: Any, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+    if chromium_path() is None:
+        pytest.skip("no Chromium found (/usr/bin/chromium); CI installs Debian's chromium")
+    from leuko.serve import create_app
+
+    app = create_app(serve_run)
+    classes: list[str] = app.state.service.classes
+    shot = tmp_path / "serve.png"
+    with start_server(app) as url, sync_api.sync_playwright() as p:
+        browser, page, foreign, errors = open_page(p, url)
+        try:
+            upload_and_wait(page, cell_images)
+            assert page.locator("#grid .tile").count() == len(cell_images)
+            before = count_table(page)
+            assert sum(before.values()) == len(cell_images)
+
+            # select the first cell and correct its label with a digit key
+            first = page.locator("#grid .tile").first
+            first.click()
+            predicted = first.locator(".lab").text_content()
+            target = next(c for c in classes if c != predicted)
+            page.keyboard.press(str(classes.index(target) + 1))
+            expected = dict(before)
+            expected[predicted] -= 1
+            expected[target] += 1
+            expect(page.locator(f"#count-table tr[data-label='{target}'] td:nth-child(2)")).to_have_text(str(expected[target]))
+            assert count_table(page) == expected
+            assert first.locator(".was").text_content() == f"was {predicted}"
+            # the chart is redrawn from the same numbers: one bar per class
+            assert page.locator("#chart rect.bar").count() == len(classes)
+            # the selection moved on to the next cell; accept it with A
+            assert page.locator("#grid .tile.selected").get_attribute("data-id") == "1"
+            page.keyboard.press("a")
+            assert page.locator("#grid .tile.selected").get_attribute("data-id") == "2"
+
+            # Grad-CAM on demand (E)
+            page.keyboard.press("e")
+            expect(page.locator("#detail-cam")).to_be_visible(timeout=30_000)
+            assert "Grad-CAM for" in page.locator("#cam-status").text_content()
+
+            # export: the labels CSV carries the correction, the count CSV the new count
+            name, text = download_text(page, "#export-labels-csv")
+            assert name == "leuko-labels.csv"
+            rows = list(csv.DictReader(io.StringIO(text)))
+            assert [r["name"] for r in rows] == [p.name for p in sorted(cell_images)]
+            assert rows[0]["predicted"] == predicted and rows[0]["label"] == target
+            assert rows[0]["corrected"] == "true" and rows[0]["reviewed"] == "true"
+            assert rows[1]["corrected"] == "false" and rows[1]["reviewed"] == "true"
+            assert sum(r["reviewed"] == "true" for r in rows) == 2
+            name, text = download_text(page, "#export-count-csv")
+            assert name == "leuko-count.csv"
+            counted = {r["label"]: int(r["count"]) for r in csv.DictReader(io.StringIO(text))}
+            assert counted == {**expected, "total": len(cell_images)}
+
+            # the review filter shows only flagged, unreviewed cells
+            flagged = sum(1 for r in rows if r["flagged"] == "true" and r["reviewed"] == "false")
+            page.keyboard.press("r")
+            expect(page.locator("#grid .tile")).to_have_count(flagged)
+            page.keyboard.press("r")
+
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert not foreign, f"the page reached outside the service: {foreign}"
+    assert not errors, f"console errors: {errors}"
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: int = 10) -> None:
+    """Serve ``model``, review ``n`` images of ``folder`` the way a person would, save a screenshot (README).
+
+    The first ``review`` cells are reviewed with the keyboard: where the image's
+    folder names one of the model's classes (PBC's layout) and the prediction
+    differs, the digit key corrects it; otherwise A accepts it.
+    """
+    from playwright.sync_api import sync_playwright
+
+    from leuko.infer.predict import collect_images
+    from leuko.serve import create_app
+
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]  # this folder's conftest, and tests/cells.py it imports
+    from conftest import live_server
+
+    paths = collect_images([folder])
+    images = paths[:: max(1, len(paths) // n)][:n]
+    app = create_app(model)
+    classes = app.state.service.classes
+    with live_server(app) as url, sync_playwright() as p:
+        browser, page, _, _ = open_page(p, url, viewport=(1360, 1000))
+        try:
+            upload_and_wait(page, images)
+            tiles = page.locator("#grid .tile")
+            tiles.first.click()
+            by_name = {p.name: p for p in images}
+            for i in range(min(review, len(images))):
+                truth = by_name[Path(tiles.nth(i).get_attribute("title").splitlines()[0]).name].parent.name
+                predicted = tiles.nth(i).locator(".lab").text_content()
+                page.keyboard.press(str(classes.index(truth) + 1) if truth in classes and truth != predicted else "a")
+            page.keyboard.press("e")
+            expect(page.locator("#detail-cam")).to_be_visible(timeout=60_000)
+            png = page.screenshot(full_page=False)
+        finally:
+            browser.close()
+    # a palette keeps the README image small (< 300 KB) and still sharp for UI text
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(png)).convert("RGB")
+    im = im.resize((1200, round(im.height * 1200 / im.width)), Image.Resampling.LANCZOS)
+    im.quantize(96, dither=Image.Dither.NONE).save(out, optimize=True)
+    print(f"written: {out} ({out.stat().st_size / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("images", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--n", type=int, default=40, help="images to upload")
+    ap.add_argument("--review", type=int, default=10, help="cells to review with the keyboard first")
+    args = ap.parse_args()
+    take_screenshot(args.model, args.images, args.out, args.n, args.review)
