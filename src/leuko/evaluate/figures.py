@@ -17,7 +17,7 @@ import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -398,6 +398,90 @@ def plot_misclassified_gallery(
     return _save(fig, path)
 
 
+def plot_gradcam_grid(
+    items: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    path: str | Path | BinaryIO,
+    *,
+    panel_titles: Sequence[str] | None = None,
+    ncols: int = 2,
+    title: str | None = None,
+) -> Path | BinaryIO:
+    """Explanations in a grid: each item is an image and its heat-map overlays side by side.
+
+    ``items[k]`` is a row of RGB arrays (e.g. the image, the Grad-CAM of the
+    predicted class, that of the true class) under the caption ``titles[k]``;
+    ``panel_titles`` labels the panels of every item. ``path`` may be a
+    binary file object (PNG is written to it), so one picture can go straight
+    into an HTTP answer without a temporary file.
+
+    Panels are pasted as pixels (``figimage``) at fixed sizes rather than
+    drawn in axes: a report draws a few of these per run and a web service
+    one per request, and two dozen axes cost seconds; images keep their
+    aspect ratio inside a square panel.
+    """
+    if len(items) != len(titles):
+        raise LeukoError(f"items has {len(items)} entries but titles has {len(titles)}")
+    if ncols < 1:
+        raise LeukoError(f"ncols must be at least 1, got {ncols}")
+    if not items:
+        fig = Figure(figsize=(5, 1.5))
+        fig.text(0.5, 0.5, "no images to explain", ha="center", va="center", fontsize=12, color="grey")
+        if title:
+            fig.suptitle(title)
+    else:
+        n_panels = max(len(row) for row in items)
+        if n_panels == 0:
+            raise LeukoError("every item needs at least one image")
+        cols = min(ncols, len(items))
+        rows = math.ceil(len(items) / cols)
+        captions = ["\n".join(_wrap(line, 17 * n_panels) for line in str(t).split("\n")) for t in titles]
+        side, gap, item_gap, margin = 2.2, 0.08, 0.4, 0.15  # inches
+        cap_h = 0.17 * max(c.count("\n") + 1 for c in captions) + 0.08
+        label_h = 0.22 if panel_titles else 0.0
+        head_h = 0.45 if title else 0.0
+        item_w = n_panels * side + (n_panels - 1) * gap
+        row_h = cap_h + label_h + side + margin
+        width = 2 * margin + cols * item_w + (cols - 1) * item_gap
+        height = head_h + rows * row_h + margin
+        fig = Figure(figsize=(width, height), dpi=DPI)
+        px = int(round(side * DPI))
+        for k, row in enumerate(items):
+            r, c = divmod(k, cols)
+            x0 = margin + c * (item_w + item_gap)
+            top = height - head_h - r * row_h  # inches from the bottom
+            fig.text((x0 + item_w / 2) / width, (top - 0.04) / height, captions[k], ha="center", va="top", fontsize=9)
+            bottom = top - cap_h - label_h - side
+            for j, img in enumerate(row):
+                x = x0 + j * (side + gap)
+                panel = _fit_panel(_as_rgb(img, k), px)
+                ph, pw = panel.shape[:2]
+                fig.figimage(panel, xo=int(round(x * DPI)) + (px - pw) // 2, yo=int(round(bottom * DPI)) + (px - ph) // 2,
+                             origin="upper", cmap="gray" if panel.ndim == 2 else None)
+                if panel_titles is not None and j < len(panel_titles):
+                    fig.text((x + side / 2) / width, (bottom + side + 0.04) / height, _wrap(panel_titles[j], 34),
+                             ha="center", va="bottom", fontsize=8)
+        if title:
+            fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=11)
+    if isinstance(path, (str, Path)):
+        return _save(fig, path)
+    fig.savefig(path, format="png", dpi=DPI, facecolor="white")
+    fig.clear()
+    return path
+
+
+def _fit_panel(a: np.ndarray, px: int) -> np.ndarray:
+    """``a`` resized to fit a ``px`` square, aspect kept (nearest-neighbour when enlarging a lot, so pixels stay pixels)."""
+    from PIL import Image
+
+    u8 = a if a.dtype == np.uint8 else np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    h, w = u8.shape[:2]
+    f = px / max(h, w)
+    size = (max(1, int(round(w * f))), max(1, int(round(h * f))))
+    method = Image.NEAREST if f >= 3 else Image.BILINEAR if f >= 1 else Image.LANCZOS
+    return np.asarray(Image.fromarray(u8).resize(size, method))
+
+
 # --------------------------------------------------------------------------- comparison
 
 
@@ -472,6 +556,7 @@ __all__ = [
     "DPI",
     "plot_compare_bars",
     "plot_confusion_matrix",
+    "plot_gradcam_grid",
     "plot_misclassified_gallery",
     "plot_per_class_bars",
     "plot_reliability",
