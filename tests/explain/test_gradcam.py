@@ -55,7 +55,7 @@ def frozen_run(cells: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def crafted_run(tmp_path: Path, *, image_size: int = 64, resize: str = "stretch") -> Path:
+def crafted_run(tmp_path: Path, *, image_size: int = 64, resize: str = "stretch", preprocess: list[str] | None = None) -> Path:
     """A custom_cnn whose class 0 ("red") logit is the mean red level, carried by channel 0 only.
 
     Every convolution passes input channel 0 to output channel 0 through its
@@ -81,10 +81,10 @@ def crafted_run(tmp_path: Path, *, image_size: int = 64, resize: str = "stretch"
     meta = {
         "model": {"name": "custom_cnn", "head": "linear", "dropout": None, "pretrained": "none"},
         "classes": ["red", "other"],
-        "input": {"image_size": image_size, "resize": resize, "preprocess": [], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "input": {"image_size": image_size, "resize": resize, "preprocess": preprocess or [], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "temperature": 1.0,
     }
-    run = tmp_path / f"crafted-{resize}"
+    run = tmp_path / f"crafted-{resize}-{len(preprocess or [])}"
     run.mkdir()
     save_model(run / "model.pt", model, meta)
     return run
@@ -189,6 +189,24 @@ def test_geometry_pad_and_crop(tmp_path: Path) -> None:
     assert exp.cam.shape == (40, 80)
     assert exp.cam[:, :20].max() == 0.0 and exp.cam[:, 61:].max() == 0.0
     assert _share(exp.cam, (slice(None), slice(20, 40))) > 0.9
+
+
+def test_geometry_cell_crop(tmp_path: Path) -> None:
+    """With a content-dependent crop the map lands on the window around the cell, zero elsewhere."""
+    from leuko.data import preprocess as pre_mod
+
+    if "cell-crop" not in getattr(pre_mod, "PREPROCESS_STEPS", {}):
+        pytest.skip("this leuko has no cell-crop preprocessing")
+    cam = GradCAM(Predictor(crafted_run(tmp_path, preprocess=["cell-crop"]), device="cpu"))
+    img = np.empty((120, 160, 3), np.uint8)
+    img[...] = (230, 200, 205)  # smear background
+    yy, xx = np.mgrid[0:120, 0:160]
+    img[(xx - 40) ** 2 + (yy - 40) ** 2 < 14**2] = (120, 40, 170)  # a stained nucleus, top left
+    exp = cam.explain_array(img, "red")
+    assert exp.cam.shape == (120, 160) and exp.cam.max() == pytest.approx(1.0)
+    assert exp.cam[:, 100:].max() == 0.0 and exp.cam[100:, :].max() == 0.0  # outside the cell's window
+    ys, xs = np.nonzero(exp.cam)
+    assert xs.min() <= 40 <= xs.max() and ys.min() <= 40 <= ys.max()
 
 
 # --------------------------------------------------------------------------- the layer finder

@@ -142,15 +142,19 @@ def find_target_layer(model: nn.Module, image_size: int, *, device: torch.device
 # --------------------------------------------------------------------------- geometry
 
 
-def input_box(height: int, width: int, preprocess: Preprocess) -> tuple[float, float, float, float]:
+def input_box(
+    height: int, width: int, preprocess: Preprocess, *, cell: Any = None, fell_back: bool = False
+) -> tuple[float, float, float, float]:
     """``(x0, y0, x1, y1)``: the part of an ``height x width`` image the model input covers.
 
     The inverse of the deterministic preprocessing geometry
-    (:func:`leuko.data.imageio._resize` then the centre crop of
+    (:func:`leuko.data.imageio._resize`, then the centre or cell crop of
     :class:`~leuko.data.transforms.Preprocess`), in source pixel units:
     ``stretch`` covers the image; ``pad`` covers a larger square around it
-    (the box extends past the image); ``crop`` and ``center-crop`` cover a
-    central part (the rest of the image was never seen).
+    (the box extends past the image); ``crop``, ``center-crop`` and
+    ``cell-crop`` cover a part of it (the rest was never seen). A cell crop
+    depends on the image: pass the ``cell`` that ``Preprocess.run`` found
+    (or ``fell_back=True`` when it found none and kept the whole frame).
     """
     d = preprocess.decode_size
     w, h = float(width), float(height)
@@ -166,10 +170,20 @@ def input_box(height: int, width: int, preprocess: Preprocess) -> tuple[float, f
         sx, sy = nw / w, nh / h
         left, top = (nw - d) // 2, (nh - d) // 2
         x0, y0, x1, y1 = left / sx, top / sy, (left + d) / sx, (top + d) / sy
-    s = preprocess.image_size
-    c = (d - s) // 2
+    # the window of the d x d decoded frame that becomes the model input
+    share = getattr(preprocess, "cell_share", None)
+    if share is not None and cell is not None:
+        from leuko.data.preprocess import cell_crop_window
+
+        wl, wt, ws = cell_crop_window(cell, share)
+    elif share is not None or fell_back:
+        wl, wt, ws = 0, 0, d
+    else:
+        s = preprocess.image_size
+        wl = wt = (d - s) // 2
+        ws = s
     kx, ky = (x1 - x0) / d, (y1 - y0) / d
-    return (x0 + c * kx, y0 + c * ky, x0 + (c + s) * kx, y0 + (c + s) * ky)
+    return (x0 + wl * kx, y0 + wt * ky, x0 + (wl + ws) * kx, y0 + (wt + ws) * ky)
 
 
 def cam_to_image(cam: np.ndarray, height: int, width: int, box: tuple[float, float, float, float]) -> np.ndarray:
@@ -292,8 +306,7 @@ class GradCAM:
         ``target`` is a class index or name (default: the predicted class).
         """
         image = _check_rgb(rgb)
-        x = self.transform(image)
-        return self._explain(x, image, target)
+        return self._explain(image, target)
 
     def explain_path(self, path: str | Path, target: int | str | None = None) -> Explanation:
         """Explain an image file (decoded at full size; unreadable files raise LeukoError)."""
@@ -302,14 +315,25 @@ class GradCAM:
         return self.explain_array(load_rgb(Path(path)), target)
 
     # -- the core ------------------------------------------------------------------
-    def _explain(self, x: torch.Tensor, image: np.ndarray, target: int | str | None) -> Explanation:
+    def _model_input(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+        """The Predictor's input tensor for ``image`` and the image region it covers."""
+        pre = self.transform.preprocess
+        run = getattr(pre, "run", None)  # preprocessing that also says where it cropped (cell-crop)
+        if run is None:
+            return self.transform(image), input_box(image.shape[0], image.shape[1], pre)
+        done = run(image)
+        box = input_box(image.shape[0], image.shape[1], pre, cell=getattr(done, "cell", None),
+                        fell_back=bool(getattr(done, "fell_back", False)))
+        return self.transform.from_preprocessed(done.image), box
+
+    def _explain(self, image: np.ndarray, target: int | str | None) -> Explanation:
         wanted = self.class_index(target)
+        x, box = self._model_input(image)
         activation, grad, logits = self._forward_backward(x, wanted)
         weights = grad.mean(dim=(1, 2))  # alpha_k: global-average-pooled gradients
         grid = torch.relu((weights[:, None, None] * activation).sum(0)).cpu().numpy()
         probs = softmax(logits, self.predictor.temperature)
         cls = int(np.argmax(probs)) if wanted is None else wanted
-        box = input_box(image.shape[0], image.shape[1], self.transform.preprocess)
         cam = cam_to_image(grid, image.shape[0], image.shape[1], box)
         return Explanation(cam=cam, class_index=cls, probs=probs, classes=self.classes, image=image, layer=self.layer)
 
