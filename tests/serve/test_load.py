@@ -78,6 +78,19 @@ def test_load_concurrent_clients(serve_run: Path, start_server: Any) -> None:
     run_load(serve_run, start_server, total=400, clients=20)
 
 
+def test_limits_hold_on_a_real_socket(serve_run: Path, start_server: Any) -> None:
+    """Through uvicorn the client still reads the 413 (the body is refused early, the answer arrives)."""
+    from leuko.serve import UploadLimits
+
+    app = create_app(serve_run / "model.onnx", limits=UploadLimits(max_file_bytes=100_000, max_request_bytes=400_000))
+    with start_server(app) as url:
+        r = httpx.post(url + "/predict", files={"files": ("big.png", b"\0" * 150_000, "image/png")})
+        assert r.status_code == 413 and r.json()["detail"] == "big.png: file larger than the limit of 98 KiB per image"
+        r = httpx.post(url + "/predict", files={"files": ("huge.png", b"\0" * 5_000_000, "image/png")})
+        assert r.status_code == 413 and r.json()["detail"].startswith("request body is 4.8 MiB; the limit is 391 KiB")
+        assert httpx.get(url + "/health").json()["images"] == 0
+
+
 @pytest.mark.slow
 def test_load_1000_requests(serve_run: Path, start_server: Any) -> None:
     """The issue's load: 20 concurrent clients, 1,000 requests, zero errors."""

@@ -96,7 +96,10 @@ def display_name(raw: str, index: int) -> str:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 1024 / 1024:g} MiB"
+    """A byte count as people read limits: ``10 MiB``, ``2.9 MiB``, ``195 KiB``."""
+    if n >= 1024 * 1024:
+        return f"{n / 1024 / 1024:.1f}".removesuffix(".0") + " MiB"
+    return f"{n / 1024:.0f} KiB"
 
 
 async def read_uploads(
