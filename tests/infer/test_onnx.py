@@ -82,16 +82,17 @@ def test_onnx_matches_pytorch(tiny_run: Path, tiny_onnx: Path, new_images: Path,
 
 
 @pytest.mark.parametrize(
-    "name, n_classes, pretrained, size",
+    "name, n_classes, pretrained, head, size",
     [
-        ("custom_cnn", 2, "none", 48),
-        ("efficientnet_lite0", 8, "bundled", 64),
-        pytest.param("mobilenetv2", 8, "none", 64, marks=pytest.mark.slow),
-        pytest.param("resnet50", 2, "none", 64, marks=pytest.mark.slow),
-        pytest.param("efficientnet_lite0", 2, "bundled", 224, marks=pytest.mark.slow),
+        ("custom_cnn", 2, "none", "bn-dense256", 48),
+        ("efficientnet_lite0", 8, "bundled", "linear", 64),
+        pytest.param("mobilenetv2", 8, "none", "dense128", 64, marks=pytest.mark.slow),
+        pytest.param("resnet50", 2, "none", "linear", 64, marks=pytest.mark.slow),
+        pytest.param("efficientnet_lite0", 2, "bundled", "linear", 224, marks=pytest.mark.slow),
     ],
 )
-def test_export_architectures(tmp_path: Path, new_images: Path, name: str, n_classes: int, pretrained: str, size: int) -> None:
+def test_export_architectures(tmp_path: Path, new_images: Path, name: str, n_classes: int, pretrained: str, head: str,
+                              size: int) -> None:
     """Each registry family exports and reproduces PyTorch (random head, no training needed for that)."""
     import torch
 
@@ -99,11 +100,11 @@ def test_export_architectures(tmp_path: Path, new_images: Path, name: str, n_cla
     from leuko.runs import save_model
 
     torch.manual_seed(0)
-    model = build_model(name, n_classes, pretrained=pretrained)
+    model = build_model(name, n_classes, pretrained=pretrained, head=head)
     info = model.leuko_info
     classes = [f"class{i}" for i in range(n_classes)]
     meta = {
-        "model": {"name": name, "head": "linear", "dropout": None, "pretrained": pretrained},
+        "model": {"name": name, "head": head, "dropout": None, "pretrained": pretrained},
         "classes": classes,
         "input": {"image_size": size, "resize": "crop", "preprocess": [], "mean": list(info.mean), "std": list(info.std)},
         "temperature": 1.5,
