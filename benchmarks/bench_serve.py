@@ -15,9 +15,11 @@ Servers, each in its own process on 127.0.0.1, measured one after another:
 * **leuko (onnx)**: ``leuko serve RUN_DIR/model.onnx``: the same, onnxruntime.
 
 Load: ``--clients`` concurrent clients (httpx, keep-alive) send ``--requests``
-``POST /predict`` requests in all, one real PBC image each (what the review
-page sends), after ``--warmup`` untimed requests. Reported: images/s, p50/p95
-latency per request, errors, and forward passes per request for leuko.
+``POST /predict`` requests in all to each server, one real PBC image each
+(what the review page sends), after ``--warmup`` untimed requests. All servers
+start first; then ``--rounds`` rounds load each in turn, so a change in the
+machine's load during the run hits every server alike. Reported: images/s,
+p50/p95 latency per request, errors, and forward passes per request for leuko.
 
     python benchmarks/bench_serve.py                 # 20 clients, 1,000 requests per server
     python benchmarks/bench_serve.py --requests 300  # quicker
@@ -147,40 +149,79 @@ async def load(url: str, images: list[tuple[str, bytes]], total: int, clients: i
         return latencies, errors, time.perf_counter() - t0
 
 
-def measure(kind: str, model: Path, images: list[tuple[str, bytes]], args: argparse.Namespace) -> dict:
-    import httpx
+class Server:
+    """One server in its own process on 127.0.0.1."""
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--model", str(model), "--port", str(port)])
-    try:
-        deadline = time.monotonic() + 180
+    def __init__(self, kind: str, model: Path) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--model", str(model), "--port", str(self.port)])
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
             except httpx.HTTPError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the {kind} server did not start")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the {self.kind} server did not start")
             time.sleep(0.3)
-        asyncio.run(load(url, images, args.warmup, args.clients))
-        before = httpx.get(url + "/health").json()
-        lat, errors, wall = asyncio.run(load(url, images, args.requests, args.clients))
-        after = httpx.get(url + "/health").json()
+
+    def passes(self) -> int | None:
+        import httpx
+
+        return httpx.get(self.url + "/health").json().get("batches")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def measure(models: dict[str, Path], kinds: list[str], images: list[tuple[str, bytes]], args: argparse.Namespace) -> list[dict]:
+    """All servers up at once, then ``--rounds`` rounds that load each in turn (drift in the machine's load hits all alike)."""
+    servers = {k: Server(k, models[k]) for k in kinds}
+    try:
+        for s in servers.values():
+            s.wait_ready()
+            asyncio.run(load(s.url, images, args.warmup, args.clients))
+        lat: dict[str, list[float]] = {k: [] for k in kinds}
+        errors = dict.fromkeys(kinds, 0)
+        wall = dict.fromkeys(kinds, 0.0)
+        passes0 = {k: servers[k].passes() for k in kinds}
+        per_round = max(1, args.requests // args.rounds)
+        for r in range(args.rounds):
+            for k in kinds:
+                lt, err, w = asyncio.run(load(servers[k].url, images, per_round, args.clients))
+                lat[k] += lt
+                errors[k] += err
+                wall[k] += w
+                print(f"  round {r + 1}/{args.rounds} {k:<8} {per_round / w:7.1f} images/s  (load average {load_average()})", flush=True)
+        passes1 = {k: servers[k].passes() for k in kinds}
     finally:
-        proc.terminate()
-        proc.wait(30)
-    ms = np.array(lat) * 1000
-    passes = after["batches"] - before["batches"] if "batches" in after else None
-    return {
-        "server": kind,
-        "images_s": args.requests / wall,
-        "p50": float(np.percentile(ms, 50)),
-        "p95": float(np.percentile(ms, 95)),
-        "errors": errors,
-        "passes": passes,
-    }
+        for s in servers.values():
+            s.stop()
+    rows = []
+    for k in kinds:
+        ms = np.array(lat[k]) * 1000
+        n = per_round * args.rounds
+        rows.append({
+            "server": k,
+            "requests": n,
+            "images_s": n / wall[k],
+            "p50": float(np.percentile(ms, 50)),
+            "p95": float(np.percentile(ms, 95)),
+            "errors": errors[k],
+            "passes": None if passes0[k] is None else passes1[k] - passes0[k],
+        })
+    return rows
 
 
 def load_average() -> str:
@@ -198,6 +239,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=40, help="untimed requests first")
     ap.add_argument("--images", type=int, default=200, help="distinct PBC images cycled through")
     ap.add_argument("--servers", default="naive,pytorch,onnx", help="which servers, in order")
+    ap.add_argument("--rounds", type=int, default=2, help="alternate the servers this many times (requests split evenly)")
     ap.add_argument("--serve", choices=["naive", "pytorch", "onnx"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -223,18 +265,14 @@ def main() -> int:
         models = {"naive": model_pt, "pytorch": model_pt.parent, "onnx": onnx}
         labels = {"naive": "naive FastAPI (PyTorch, 1 image/pass)", "pytorch": "leuko serve (PyTorch, micro-batched)",
                   "onnx": "leuko serve (ONNX, micro-batched)"}
-        rows = []
-        for kind in args.servers.split(","):
-            rows.append(measure(kind, models[kind], images, args))
-            r = rows[-1]
-            print(f"  measured {labels[kind]}: {r['images_s']:.1f} images/s", flush=True)
+        rows = measure(models, args.servers.split(","), images, args)
     base = next((r["images_s"] for r in rows if r["server"] == "naive"), None)
     print()
     print(f"{'server':<40} {'images/s':>9} {'vs naive':>9} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7} {'passes/req':>11}")
     print(f"{'-' * 40} {'-' * 9} {'-' * 9} {'-' * 8} {'-' * 8} {'-' * 7} {'-' * 11}")
     for r in rows:
         ratio = f"{r['images_s'] / base:.1f}x" if base else "-"
-        passes = f"{r['passes'] / args.requests:.2f}" if r["passes"] is not None else "1.00"
+        passes = f"{r['passes'] / r['requests']:.2f}" if r["passes"] is not None else "1.00"
         print(f"{labels[r['server']]:<40} {r['images_s']:>9.1f} {ratio:>9} {r['p50']:>8.0f} {r['p95']:>8.0f} {r['errors']:>7} {passes:>11}")
     print(f"\nload average {load_average()} at the end (other work on the machine shares these cores)")
     return 0 if all(r["errors"] == 0 for r in rows) else 1

@@ -81,6 +81,7 @@ async function uploadAll(cells) {
   renderProgress();
   await Promise.all(Array.from({ length: PARALLEL_UPLOADS }, worker));
   renderProgress();
+  if (state.filter !== "all") renderGrid();  // finished cells may now belong to the filtered view
   renderSummary();
   refreshCount();
   if (state.selected === null) select(visibleCells()[0]?.id ?? null);
