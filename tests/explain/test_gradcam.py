@@ -55,6 +55,12 @@ def frozen_run(cells: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def explainer(frozen_run: Path) -> GradCAM:
+    """One explainer for the read-only tests (building a Predictor and finding the layer costs seconds)."""
+    return GradCAM(Predictor(frozen_run, device="cpu"))
+
+
 def crafted_run(tmp_path: Path, *, image_size: int = 64, resize: str = "stretch", preprocess: list[str] | None = None) -> Path:
     """A custom_cnn whose class 0 ("red") logit is the mean red level, carried by channel 0 only.
 
@@ -107,9 +113,9 @@ def call(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- a trained run
 
 
-def test_cam_on_trained_run(frozen_run: Path, cells: Path) -> None:
-    predictor = Predictor(frozen_run, device="cpu")
-    cam = GradCAM(predictor)
+def test_cam_on_trained_run(explainer: GradCAM, cells: Path) -> None:
+    cam = explainer
+    predictor = cam.predictor
     assert cam.layer == "bn2"
     path = cells / "lymphocyte" / "3.png"
     exp = cam.explain_path(path)
@@ -139,8 +145,8 @@ def test_frozen_weights_model_left_unchanged(frozen_run: Path, cells: Path) -> N
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_target_class(frozen_run: Path, cells: Path) -> None:
-    cam = GradCAM(Predictor(frozen_run, device="cpu"))
+def test_target_class(explainer: GradCAM, cells: Path) -> None:
+    cam = explainer
     img = np.asarray(Image.open(cells / "eosinophil" / "1.png").convert("RGB"))
     exp = cam.explain_array(img, "neutrophil")
     assert exp.class_index == 2 and exp.class_name == "neutrophil"
