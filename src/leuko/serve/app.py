@@ -39,7 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from leuko.data.preprocess import build_preprocess
+from leuko.data.preprocess import Preprocess
 from leuko.errors import LeukoError
 from leuko.infer.review import ReviewPolicy
 from leuko.runs import RunFolder
@@ -181,7 +181,7 @@ class Service:
     policy: ReviewPolicy
     limits: UploadLimits
     batcher: MicroBatcher
-    decode_size: int
+    preprocess: Preprocess
     started: float
     explainer: Any = None
 
@@ -211,10 +211,10 @@ class Service:
     def decode_all(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
         """Decode every upload, or refuse the request naming every unusable file."""
         images, errors = [], []
-        resize = self.predictor.input.get("resize", "stretch")
+        pre = self.preprocess  # decoded like a file: at the size the centre crop needs, with the model's resize
         for up in uploads:
             try:
-                images.append(decode_upload(up, self.limits, size=self.decode_size, resize=resize))
+                images.append(decode_upload(up, self.limits, size=pre.decode_size, resize=pre.resize))
             except UploadError as exc:
                 errors.append(exc)
         if errors:
@@ -265,8 +265,6 @@ def load_service(model: str | Path, *, limits: UploadLimits | None = None, max_b
     # Uploads arrive decoded at the model's decode size, so what is left per image (crop,
     # normalise) is cheap: done on the inference thread, no decoding pool needed.
     predictor = load_predictor(path, num_workers=0, batch_size=max(64, max_batch))
-    inp = predictor.input
-    pre = build_preprocess(int(inp["image_size"]), inp.get("preprocess", []), resize=inp.get("resize", "stretch"))
 
     def predict_fn(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         pred = predictor.predict_arrays(images)
@@ -283,7 +281,7 @@ def load_service(model: str | Path, *, limits: UploadLimits | None = None, max_b
         policy=ReviewPolicy.from_meta(predictor.meta),
         limits=limits or UploadLimits(),
         batcher=MicroBatcher(predict_fn, max_batch=max_batch, max_wait_ms=max_wait_ms),
-        decode_size=pre.decode_size,
+        preprocess=predictor.model_input.preprocess,
         started=time.time(),
     )
 
