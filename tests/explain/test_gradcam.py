@@ -257,6 +257,15 @@ def test_layer_finder_every_registered_model(name: str, head: str) -> None:
     assert len(shapes[-1]) == 4 and shapes[-1][-1] * shapes[-1][-2] > 1
 
 
+def test_needs_a_pytorch_predictor() -> None:
+    class OnnxLike:
+        backend = "onnx"
+        classes = CLASSES
+
+    with pytest.raises(LeukoError, match="needs the PyTorch model"):
+        GradCAM(OnnxLike())  # type: ignore[arg-type]
+
+
 def test_layer_finder_rejects_models_without_maps() -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
     with pytest.raises(LeukoError, match="4-D"):

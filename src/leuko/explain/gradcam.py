@@ -253,7 +253,7 @@ class Explanation:
         return float(self.probs[self.class_index])
 
     def title(self) -> str:
-        """``"neutrophil (p = 0.93)"``, plus the explained class when it is not the predicted one."""
+        """``"predicted neutrophil (p = 0.93)"``, plus a line for the explained class when it is another."""
         head = f"predicted {self.predicted_name} (p = {float(self.probs[self.predicted]):.2f})"
         if self.class_index != self.predicted:
             head += f"\nGrad-CAM for {self.class_name} (p = {self.probability:.2f})"
@@ -273,6 +273,11 @@ class GradCAM:
     """
 
     def __init__(self, predictor: Predictor, *, layer: str | None = None) -> None:
+        if not isinstance(getattr(predictor, "model", None), nn.Module):
+            raise LeukoError(
+                "Grad-CAM needs the PyTorch model (a run folder or its model.pt); "
+                f"a {getattr(predictor, 'backend', type(predictor).__name__)} predictor has no gradients"
+            )
         self.predictor = predictor
         self.model: nn.Module = predictor.model
         self.classes: list[str] = list(predictor.classes)
