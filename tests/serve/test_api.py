@@ -174,6 +174,8 @@ def test_page_and_assets_are_local(client: TestClient) -> None:
         text = a.text.replace("http://www.w3.org/2000/svg", "")  # the SVG namespace is a name, not a fetch
         assert "http://" not in text and "https://" not in text
     assert "https://" not in html and "http://" not in html
+    # FastAPI's Swagger/ReDoc pages would load from a CDN: they are off
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
 
 
 def test_openapi_lists_every_endpoint(client: TestClient) -> None:

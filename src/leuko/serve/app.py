@@ -1,7 +1,7 @@
 """The lab service: one model, loaded once, behind a small HTTP API and a review page.
 
-Endpoints (the OpenAPI description at ``/openapi.json`` and ``/docs`` lists
-their bodies and answers):
+Endpoints (the OpenAPI description at ``/openapi.json`` lists their bodies
+and answers; there is no ``/docs``, whose viewer would come from a CDN):
 
 * ``GET /health``: alive, which backend, how many batches so far;
 * ``GET /model``: classes, input size, preprocessing, temperature, the review
@@ -310,6 +310,10 @@ def create_app(
         summary="White-blood-cell classification for a lab: predictions, review flags, Grad-CAM, differential counts.",
         version=_version(),
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc pull Swagger/ReDoc from a CDN; a lab service must not make
+        # browsers reach the internet, so only the description itself is served.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = svc
 
