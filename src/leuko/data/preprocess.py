@@ -7,7 +7,8 @@ imports torch: the ONNX predictor (:mod:`leuko.infer.onnx`) must prepare
 images exactly like the PyTorch path without paying for (or shipping) torch.
 
 * :class:`Preprocess` is *deterministic* (resize to the input size, optional
-  centre crop, CLAHE), so the input pipeline caches its output.
+  centre crop or cell-centred crop, CLAHE, Reinhard stain normalisation), so
+  the input pipeline caches its output.
 * :class:`Normalize` turns a ``uint8 H x W x 3`` image into the normalised
   ``float32 3 x H x W`` array the network reads; :class:`~leuko.data.transforms.Transform`
   wraps its result in a tensor, the ONNX path feeds it to onnxruntime.
@@ -33,11 +34,34 @@ from leuko.data.imageio import RESIZE_MODES, ResizeMode, _resize, load_rgb
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 
+DEFAULT_CELL_SHARE = 0.55
+"""Share of the crop side the white cell spans after ``cell-crop`` (chosen by measurement,
+docs/robustness.md): PBC frames hold the cell at about a third of the side, tight crops from
+other labs at 0.7-0.9; 0.55 keeps a ring of context (red cells, background) in both."""
+
+CELL_CROP_VERSION = 1
+"""Bumped when :func:`find_cell` changes, so caches of cell-cropped pixels are rebuilt."""
+
+REINHARD_TARGETS: dict[str, tuple[float, float, float, float, float, float]] = {
+    # mean over 300 PBC images (CellaVision, May-Grünwald-Giemsa) after cell-crop:0.55
+    "pbc": (198.1, 140.1, 133.0, 45.6, 10.6, 16.8),
+}
+"""Reference CIELAB statistics for ``reinhard`` (OpenCV 8-bit LAB: mean L, a, b, then std L, a, b).
+
+A name, not numbers, goes into a model's metadata, so these values must never change
+under an existing name: add a new name instead."""
+
 PREPROCESS_STEPS: dict[str, str] = {
     "clahe": "contrast-limited adaptive histogram equalisation of lightness; "
     "'clahe' or 'clahe:<clip limit>' (default 2.0)",
     "center-crop": "keep the central fraction of the image, decoded larger so the "
     "output keeps its size; 'center-crop:<fraction in (0, 1]>', e.g. center-crop:0.875",
+    "cell-crop": "find the white cell (stained nucleus grown to its cytoplasm) and crop a square "
+    "around it so the cell spans a fixed share of the side, whatever the source's framing; "
+    f"'cell-crop' or 'cell-crop:<share in [0.2, 0.95]>' (default {DEFAULT_CELL_SHARE:g}); no cell found: "
+    "the whole frame is kept and the image is reported",
+    "reinhard": "stain normalisation (Reinhard et al. 2001): shift and scale each image's CIELAB "
+    f"mean and spread to a reference's; 'reinhard' or 'reinhard:<reference>' ({', '.join(REINHARD_TARGETS)})",
 }
 """Deterministic preprocessing steps by name (``name`` or ``name:<value>``)."""
 
@@ -88,11 +112,14 @@ def parse_preprocess(steps: Sequence[str] | str | None) -> tuple[str, ...]:
     form (``"clahe:2"``, ``"center-crop:0.8"``) is what cache keys hash, so two
     spellings of the same preprocessing share one cache.
 
-    The centre crop, a geometric step, always runs first (it decides the
-    decoding size); the pixel steps then run in the order given.
+    The geometric step (``center-crop`` or ``cell-crop``, at most one) always
+    runs first (it decides the decoding size and what the pixel steps see:
+    ``reinhard`` after ``cell-crop`` matches the statistics of a cell and its
+    surroundings, not of however much background the source framed); the
+    pixel steps then run in the order given.
 
     Raises:
-        LeukoError: unknown step, bad value, or more than one centre crop.
+        LeukoError: unknown step, bad value, or more than one geometric step.
     """
     if steps is None:
         return ()
@@ -121,13 +148,25 @@ def parse_preprocess(steps: Sequence[str] | str | None) -> tuple[str, ...]:
             if not 0.1 <= frac <= 1.0:
                 raise LeukoError(f"preprocess step {spec!r}: fraction must be in [0.1, 1]")
             crops.append(f"center-crop:{frac:g}")
+        elif name in ("cell-crop", "cellcrop"):
+            share = _parse_float(value, spec, default=DEFAULT_CELL_SHARE)
+            if not 0.2 <= share <= 0.95:
+                raise LeukoError(f"preprocess step {spec!r}: cell share must be in [0.2, 0.95] (e.g. cell-crop:0.55)")
+            crops.append(f"cell-crop:{share:g}")
+        elif name == "reinhard":
+            ref = value or "pbc"
+            if ref not in REINHARD_TARGETS:
+                raise LeukoError(
+                    f"preprocess step {spec!r}: unknown Reinhard reference {ref!r}; known: {', '.join(REINHARD_TARGETS)}"
+                )
+            pixel.append(f"reinhard:{ref}")
         else:
             raise LeukoError(
                 f"unknown preprocess step {raw!r}; allowed: {', '.join(PREPROCESS_STEPS)} "
-                "(e.g. clahe, clahe:3, center-crop:0.875)"
+                "(e.g. clahe, clahe:3, center-crop:0.875, cell-crop:0.55, reinhard)"
             )
     if len(crops) > 1:
-        raise LeukoError(f"at most one center-crop step is allowed; got {', '.join(crops)}")
+        raise LeukoError(f"at most one geometric step (center-crop or cell-crop) is allowed; got {', '.join(crops)}")
     return tuple(crops + pixel)
 
 
@@ -162,12 +201,267 @@ def clahe(image: np.ndarray, clip_limit: float = _DEFAULT_CLAHE_CLIP) -> np.ndar
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
+# --------------------------------------------------------------------------- #
+# Finding the white cell (for cell-crop)
+# --------------------------------------------------------------------------- #
+
+_CELL_WORK = 128
+"""Side of the working copy the cell is searched in: enough to outline a nucleus in any
+framing, and it makes the search cost the same (~1 ms) for every source size."""
+
+_CELL_DECODE_FACTOR = 2
+"""``cell-crop`` decodes at this many times the input size, so that after cropping a
+cell that fills a third of a PBC frame the crop is still downscaled, never blown up."""
+
+_NUCLEUS_MIN_SCORE = 20.0
+"""Lowest blue-minus-green (0-255 units) that can be a stained nucleus: below it there is
+no nucleus in the image whatever Otsu says (a blank or grey frame)."""
+
+_NUCLEUS_MIN_AREA = 0.002
+"""Smallest nucleus, as a share of the frame: smaller blobs are dye specks and debris."""
+
+_CENTRE_SIGMA = 0.35
+"""How strongly the search prefers the frame's centre (Gaussian width, share of the side):
+datasets are framed around their cell, but a second cell or a neighbour's edge may be bigger."""
+
+_CYTOPLASM_GROWTH = 1.5
+"""The cell box may extend to this many times the nucleus's side: cytoplasm is found as
+non-background pixels joined to the nucleus, and red cells touching it must not drag the box away."""
+
+_FOREGROUND_DELTA = 16.0
+"""How much darker than the background (grey level, 0-255) a pixel must be to count as cell."""
+
+
+@dataclass(frozen=True)
+class CellBox:
+    """A white cell found by :func:`find_cell`, in pixels of the image searched.
+
+    Attributes:
+        nucleus: ``(x0, y0, x1, y1)`` of the stained nucleus (lobes joined).
+        cell: ``(x0, y0, x1, y1)`` of nucleus plus cytoplasm.
+        score: the nucleus's mean blue-minus-green (how clearly stained it is).
+    """
+
+    nucleus: tuple[float, float, float, float]
+    cell: tuple[float, float, float, float]
+    score: float
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.cell
+        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+
+    @property
+    def size(self) -> float:
+        """The cell's longer side: what ``cell-crop`` scales to a fixed share of its output."""
+        x0, y0, x1, y1 = self.cell
+        return float(max(x1 - x0, y1 - y0))
+
+    def scaled(self, fx: float, fy: float) -> "CellBox":
+        sx = lambda b: (b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy)  # noqa: E731
+        return CellBox(sx(self.nucleus), sx(self.cell), self.score)
+
+
+def find_cell(image: np.ndarray) -> CellBox | None:
+    """Locate the white cell of an RGB ``uint8`` image; ``None`` when there is none.
+
+    Romanowsky stains (May-Grünwald-Giemsa, Wright, Leishman) colour a
+    leukocyte nucleus purple-blue while red cells and background stay pink,
+    beige or grey. So, on a small blurred copy:
+
+    1. *nucleus score* = blue minus green: high on nuclei (and basophil
+       granules), near zero or negative on red cells and background, in every
+       stain of that family (PBC's and BCCD's included) whatever the brightness;
+    2. *threshold* = the larger of Otsu's and half the 99th percentile (Otsu
+       alone splits lavender cytoplasm from background in pale, blurred smears),
+       never below :data:`_NUCLEUS_MIN_SCORE` (so a blank frame finds nothing);
+    3. *morphology*: an opening drops specks, a closing joins the lobes of a
+       segmented nucleus into one component;
+    4. *which component*: the largest after weighting by closeness to the
+       centre (datasets frame their cell, neighbours sit at the edges), at least
+       :data:`_NUCLEUS_MIN_AREA` of the frame;
+    5. *cytoplasm*: non-background pixels joined to the nucleus, outlined
+       along rays from the nucleus (:func:`_star_extent`), so touching red
+       cells or a neighbour do not drag the box away.
+
+    Returns the boxes in the pixels of ``image``.
+    """
+    image = _as_rgb_uint8(image)
+    h, w = image.shape[:2]
+    n = _CELL_WORK
+    small = cv2.resize(image, (n, n), interpolation=cv2.INTER_AREA)
+    f = cv2.GaussianBlur(small.astype(np.float32), (3, 3), 0)
+    score = f[..., 2] - f[..., 1]
+    otsu, _ = cv2.threshold(np.clip(score, 0, 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    thr = max(float(otsu), 0.5 * float(np.percentile(score, 99)), _NUCLEUS_MIN_SCORE)
+    mask = (score > thr).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    k = max(3, int(round(n * 0.055)) | 1)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    best, best_weight = 0, 0.0
+    for i in range(1, count):
+        area = float(stats[i, cv2.CC_STAT_AREA])
+        if area < _NUCLEUS_MIN_AREA * n * n:
+            continue
+        dist = math.hypot(centroids[i, 0] - n / 2, centroids[i, 1] - n / 2) / n
+        weight = area * math.exp(-((dist / _CENTRE_SIGMA) ** 2))
+        if weight > best_weight:
+            best, best_weight = i, weight
+    if best == 0:
+        return None
+    nucleus = labels == best
+    x, y, bw, bh = (int(v) for v in stats[best, :4])
+    if float(score[nucleus].mean()) < _NUCLEUS_MIN_SCORE:
+        return None
+    # Cytoplasm: pixels clearly darker than the background, joined to the nucleus.
+    grey = f.mean(axis=2)
+    background = float(np.percentile(grey, 95))
+    fg = (background - grey > _FOREGROUND_DELTA).astype(np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    fg[(labels > 0) & ~nucleus] = 0  # another cell's nucleus is never this cell's cytoplasm
+    fg[nucleus] = 1
+    _, fg_labels = cv2.connectedComponents(fg, connectivity=8)
+    ids = np.unique(fg_labels[nucleus])
+    region = np.isin(fg_labels, ids[ids > 0])
+    region |= nucleus
+    cell = _star_extent(region, nucleus, (x, y, x + bw, y + bh))
+    box = CellBox((float(x), float(y), float(x + bw), float(y + bh)), cell, float(score[nucleus].mean()))
+    return box.scaled(w / n, h / n)
+
+
+_RAYS = 32
+
+
+def _star_extent(region: np.ndarray, nucleus: np.ndarray, nbox: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+    """Box of the cell outline seen from the nucleus along :data:`_RAYS` rays.
+
+    Along each ray the cell reaches as far as the region (nucleus + joined
+    cytoplasm) does, at most :data:`_CYTOPLASM_GROWTH` nucleus half-sides.
+    A neighbouring cell or red cell touching the cytoplasm lengthens a few
+    rays only, so each ray is capped at 1.25 times the median ray: the box
+    follows the cell, not what leans on it. The nucleus is always inside.
+    """
+    n = region.shape[0]
+    ys, xs = np.nonzero(nucleus)
+    cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+    x0, y0, x1, y1 = nbox
+    reach = _CYTOPLASM_GROWTH * max(x1 - x0, y1 - y0) / 2.0 + math.hypot(cx - (x0 + x1) / 2, cy - (y0 + y1) / 2)
+    t = np.arange(0.0, reach, 0.5)
+    a = np.linspace(0.0, 2 * math.pi, _RAYS, endpoint=False)
+    px, py = cx + np.cos(a)[:, None] * t, cy + np.sin(a)[:, None] * t
+    ok = (px >= 0) & (px < n) & (py >= 0) & (py < n)
+    inside = np.zeros(px.shape, bool)
+    inside[ok] = region[py[ok].astype(int), px[ok].astype(int)]
+    # how far each ray stays in the region: its last inside sample
+    last = np.where(inside.any(axis=1), inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1), 0)
+    ext = t[last] + 0.5
+    ext = np.minimum(ext, 1.25 * float(np.median(ext)))
+    ex, ey = cx + np.cos(a) * ext, cy + np.sin(a) * ext
+    return (
+        float(max(0.0, min(ex.min(), x0))),
+        float(max(0.0, min(ey.min(), y0))),
+        float(min(float(n), max(ex.max(), x1))),
+        float(min(float(n), max(ey.max(), y1))),
+    )
+
+
+def cell_crop_window(cell: CellBox, share: float) -> tuple[int, int, int]:
+    """``(left, top, side)`` of the square that makes ``cell`` span ``share`` of its side.
+
+    The window may reach past the image (a tight crop from another lab): see
+    :func:`crop_window` for how that part is filled.
+    """
+    cx, cy = cell.center
+    side = max(8, int(round(cell.size / share)))
+    return int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), side
+
+
+def background_colour(image: np.ndarray) -> tuple[int, int, int]:
+    """The smear's background colour: the median of the brightest tenth of the pixels."""
+    flat = image.reshape(-1, 3)
+    grey = flat.astype(np.int32).sum(axis=1)
+    bright = flat[grey >= np.percentile(grey, 90)]
+    return tuple(int(v) for v in np.median(bright, axis=0))  # type: ignore[return-value]
+
+
+def crop_window(image: np.ndarray, left: int, top: int, side: int, out: int) -> np.ndarray:
+    """The ``side`` square at ``(left, top)`` of ``image``, resized to ``out`` x ``out``.
+
+    Parts outside the image (a tight crop from another lab) are filled with
+    the smear's :func:`background_colour`: reflection would mirror the cell
+    itself into the border, a second half-cell that no training image has;
+    plain background is what usually surrounds a white cell anyway.
+    """
+    h, w = image.shape[:2]
+    pad = max(0, -left, -top, left + side - w, top + side - h)
+    if pad:
+        image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=background_colour(image))
+        left, top = left + pad, top + pad
+    window = image[top : top + side, left : left + side]
+    interp = cv2.INTER_AREA if side > out else cv2.INTER_LINEAR
+    return np.ascontiguousarray(cv2.resize(window, (out, out), interpolation=interp))
+
+
+# --------------------------------------------------------------------------- #
+# Stain normalisation
+# --------------------------------------------------------------------------- #
+
+
+def lab_stats(image: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """Mean and standard deviation of L, a, b (OpenCV 8-bit CIELAB) over all pixels."""
+    lab = cv2.cvtColor(np.ascontiguousarray(_as_rgb_uint8(image)), cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
+    m, s = lab.mean(axis=0), lab.std(axis=0)
+    return (float(m[0]), float(m[1]), float(m[2]), float(s[0]), float(s[1]), float(s[2]))
+
+
+def reinhard(image: np.ndarray, target: Sequence[float] | str = "pbc") -> np.ndarray:
+    """Reinhard colour transfer: give ``image`` the CIELAB mean and spread of ``target``.
+
+    Labs differ mostly in how much stain a slide took up and in the camera's
+    white balance; per channel in CIELAB (decorrelated enough for a linear
+    map) that is a shift and a scale, which this undoes against a fixed
+    reference (Reinhard et al. 2001, the usual baseline of stain
+    normalisation). ``target`` is a name from :data:`REINHARD_TARGETS` or six
+    numbers (:func:`lab_stats` of a reference image).
+    """
+    ref = REINHARD_TARGETS[target] if isinstance(target, str) else tuple(float(v) for v in target)
+    lab = cv2.cvtColor(np.ascontiguousarray(_as_rgb_uint8(image)), cv2.COLOR_RGB2LAB).astype(np.float32)
+    flat = lab.reshape(-1, 3)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    # a flat channel (a blank frame) must not be blown up into noise
+    scale = np.asarray(ref[3:], np.float32) / np.maximum(std, 1.0)
+    lab = (lab - mean) * scale + np.asarray(ref[:3], np.float32)
+    return cv2.cvtColor(np.clip(np.rint(lab), 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """What :meth:`Preprocess.run` did to one image (for reports; training only needs the pixels).
+
+    Attributes:
+        image: the ``image_size`` square ``uint8`` output.
+        cell: the white cell found by ``cell-crop`` (in decoded pixels), ``None`` otherwise.
+        fell_back: ``cell-crop`` found no cell and kept the whole frame.
+    """
+
+    image: np.ndarray
+    cell: CellBox | None = None
+    fell_back: bool = False
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """The deterministic part: ``uint8`` array of any size -> ``image_size`` square ``uint8``.
 
     Picklable and hashable (:attr:`fingerprint`) so that the decoded-image cache
     can store its output and DataLoader workers can run it.
+
+    With ``cell-crop`` the output is a square around the white cell (found by
+    :func:`find_cell`) in which the cell spans a fixed share of the side. When
+    no cell is found, the whole frame is used (what the model would see
+    without the step) and :meth:`run` says so (``fell_back``), so reports can
+    name those images (``leuko data crops``, ``leuko evaluate``).
 
     Attributes:
         image_size: output side in pixels.
@@ -180,16 +474,20 @@ class Preprocess:
     steps: tuple[str, ...] = ()
     resize: ResizeMode = "stretch"
     _crop_fraction: float = field(init=False, repr=False, compare=False)
+    _cell_share: float | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _check_image_size(self.image_size))
         object.__setattr__(self, "resize", _check_resize(self.resize))
         object.__setattr__(self, "steps", parse_preprocess(self.steps))
-        frac = 1.0
+        frac, share = 1.0, None
         for s in self.steps:
             if s.startswith("center-crop:"):
                 frac = float(s.split(":", 1)[1])
+            elif s.startswith("cell-crop:"):
+                share = float(s.split(":", 1)[1])
         object.__setattr__(self, "_crop_fraction", frac)
+        object.__setattr__(self, "_cell_share", share)
 
     @property
     def crop_fraction(self) -> float:
@@ -197,8 +495,16 @@ class Preprocess:
         return self._crop_fraction
 
     @property
+    def cell_share(self) -> float | None:
+        """Share of the side the cell spans after ``cell-crop`` (``None`` without it)."""
+        return self._cell_share
+
+    @property
     def decode_size(self) -> int:
-        """Side to decode at, so the centre crop leaves exactly :attr:`image_size`."""
+        """Side to decode at: the centre crop leaves exactly :attr:`image_size`; the cell crop
+        gets :data:`_CELL_DECODE_FACTOR` times it, to cut its window from."""
+        if self._cell_share is not None:
+            return self.image_size * _CELL_DECODE_FACTOR
         if self._crop_fraction >= 1.0:
             return self.image_size
         return max(self.image_size, int(round(self.image_size / self._crop_fraction)))
@@ -207,23 +513,50 @@ class Preprocess:
     def fingerprint(self) -> str:
         """Short stable hash of everything that decides the output pixels."""
         text = f"v1|{self.image_size}|{self.decode_size}|{self.resize}|{';'.join(self.steps)}"
+        if self._cell_share is not None:  # the search itself decides the pixels too
+            text += f"|cell-v{CELL_CROP_VERSION}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Apply resize (if not already at :attr:`decode_size`), centre crop, pixel steps."""
+    def run(self, image: np.ndarray) -> Preprocessed:
+        """Resize (if not already at :attr:`decode_size`), crop, pixel steps; and what the crop found."""
         image = _as_rgb_uint8(image)
         d, s = self.decode_size, self.image_size
         if image.shape[0] != d or image.shape[1] != d:
             pil = _resize(Image.fromarray(image), (d, d), self.resize, 0)
             image = np.asarray(pil, dtype=np.uint8)
-        if d != s:
+        cell, fell_back = None, False
+        if self._cell_share is not None:
+            cell = find_cell(image)
+            if cell is None:
+                fell_back = True
+                image = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
+            else:
+                image = crop_window(image, *cell_crop_window(cell, self._cell_share), s)
+        elif d != s:
             top = (d - s) // 2
             image = image[top : top + s, top : top + s]
         for step in self.steps:
             name, _, value = step.partition(":")
             if name == "clahe":
                 image = clahe(image, float(value))
-        return np.ascontiguousarray(image)
+            elif name == "reinhard":
+                image = reinhard(image, value)
+        return Preprocessed(np.ascontiguousarray(image), cell, fell_back)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Apply resize, crop and pixel steps; only the pixels (see :meth:`run` for the rest)."""
+        return self.run(image).image
+
+
+def step_versions(steps: Sequence[str] | str | None) -> dict[str, int]:
+    """Algorithm versions of the steps whose output depends on more than their spec (``cell-crop``).
+
+    Caches keyed by step specs (e.g. frozen features) add this so that a
+    change to the cell search invalidates them; empty for the other steps,
+    so their keys stay as they were.
+    """
+    names = {s.partition(":")[0] for s in parse_preprocess(steps)}
+    return {"cell-crop": CELL_CROP_VERSION} if "cell-crop" in names else {}
 
 
 def build_preprocess(
@@ -294,14 +627,20 @@ def decode_sample(
     (:func:`~leuko.data.imageio.load_rgb`; the input pipeline passes its own
     reference so tests can count decodes).
     """
-    image = load(
+    return preprocess(decode_raw(sample, preprocess, draft=draft, load=load))
+
+
+def decode_raw(
+    sample: Sample, preprocess: Preprocess, *, draft: bool = True, load: Callable[..., np.ndarray] = load_rgb
+) -> np.ndarray:
+    """Decode one sample at ``preprocess.decode_size``, before any step (what :meth:`Preprocess.run` takes)."""
+    return load(
         sample.path,
         preprocess.decode_size,
         crop=sample.crop,
         resize=preprocess.resize,
         draft=draft,
     )
-    return preprocess(image)
 
 
 def available_cpus() -> int:
@@ -313,12 +652,24 @@ def available_cpus() -> int:
 
 
 __all__ = [
+    "CELL_CROP_VERSION",
+    "DEFAULT_CELL_SHARE",
     "PREPROCESS_STEPS",
+    "REINHARD_TARGETS",
+    "CellBox",
     "Normalize",
     "Preprocess",
+    "Preprocessed",
     "available_cpus",
     "build_preprocess",
+    "cell_crop_window",
     "clahe",
+    "crop_window",
+    "decode_raw",
     "decode_sample",
+    "find_cell",
+    "lab_stats",
     "parse_preprocess",
+    "reinhard",
+    "step_versions",
 ]
