@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leuko.data.pipeline import SampleDataset, make_loader
+from leuko.data.preprocess import step_versions
 from leuko.data.samples import Sample
 from leuko.paths import cache_dir
 from leuko.runs import RunFolder
@@ -52,22 +53,21 @@ def feature_key(model: nn.Module, cfg: RunConfig, samples: Sequence[Sample]) -> 
         st = p.stat()
         weights += f"|{st.st_size}|{st.st_mtime_ns}"
     info = model.leuko_info  # type: ignore[attr-defined]
-    h.update(
-        json.dumps(
-            {
-                "v": FEATURE_FORMAT,
-                "arch": build.arch,
-                "head": build.head,  # dense heads see conv features, linear ones (AlexNet/VGG) the MLP's
-                "weights": weights,
-                "size": cfg.data.image_size,
-                "resize": cfg.data.resize,
-                "pre": list(cfg.data.preprocess),
-                "mean": list(info.mean),
-                "std": list(info.std),
-            },
-            sort_keys=True,
-        ).encode()
-    )
+    ident = {
+        "v": FEATURE_FORMAT,
+        "arch": build.arch,
+        "head": build.head,  # dense heads see conv features, linear ones (AlexNet/VGG) the MLP's
+        "weights": weights,
+        "size": cfg.data.image_size,
+        "resize": cfg.data.resize,
+        "pre": list(cfg.data.preprocess),
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
+    versions = step_versions(cfg.data.preprocess)
+    if versions:  # only then, so keys of runs without such steps stay valid
+        ident["step_versions"] = versions
+    h.update(json.dumps(ident, sort_keys=True).encode())
     for s in sorted(samples, key=lambda s: s.key):
         try:
             st = s.path.stat()

@@ -1,0 +1,227 @@
+"""``leuko adapt``: fit a trained model's normalisation to a new lab's images (AdaBN), no labels.
+
+A network trained on one lab's slides keeps, in every BatchNorm layer, the
+mean and variance of that lab's activations. Another lab's stain, camera
+and focus shift those activations, so every layer normalises them with the
+wrong statistics and the error compounds down the network. AdaBN (Li et
+al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation")
+re-estimates those statistics on the new lab's images and changes nothing
+else: the convolution and head weights, and what they learnt about cell
+types, stay as trained. It needs unlabelled images only, a few hundred
+are enough, and it takes one forward pass.
+
+:func:`adapt_run` writes a new run folder beside the source run (its config,
+classes, split and data summary copied, a new ``model.pt`` whose metadata
+says ``adapted: {method: adabn, data, n_images, date, ...}``), which
+``evaluate``, ``predict``, ``export`` and ``serve`` read like any run. Images
+are decoded and preprocessed exactly as the model's inference does
+(:class:`~leuko.infer.backends.ModelInput` from the model's own metadata).
+
+The model's temperature and review thresholds were fitted on the source
+lab's validation images; they are kept (there are no labels to refit them
+on) and the review policy says so.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from leuko.data.samples import Sample
+from leuko.errors import LeukoError
+from leuko.runs import RunFolder, load_model, save_model
+
+ADAPT_METHODS: tuple[str, ...] = ("adabn",)
+"""Adaptation methods :func:`adapt_run` knows."""
+
+MIN_IMAGES = 16
+"""Fewer images than this give BatchNorm statistics noisier than the shift they correct."""
+
+COPIED_FILES: tuple[str, ...] = ("config.yaml", "classes.json", "split.json", "data.json", "metrics.csv", "summary.json", "leakage.json")
+"""Files of the source run the adapted run keeps (training history and data description)."""
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """Every BatchNorm layer (1-D, 2-D, 3-D, synchronised) that tracks running statistics."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, batches: Callable[[], Any], *, device: torch.device | str = "cpu") -> int:
+    """AdaBN in place: re-estimate every BatchNorm layer's running mean and variance from ``batches``.
+
+    The statistics are reset and then averaged over all batches with equal
+    weight (``momentum=None``, PyTorch's cumulative average), not blended into
+    the old ones: what is left of the source lab after adaptation is nothing.
+    Only BatchNorm layers run in training mode (so they use and record batch
+    statistics); dropout and everything else stay in eval mode, and no
+    gradient is computed, so no weight can change.
+
+    Args:
+        batches: a callable returning an iterable of ``float32 N x 3 x S x S``
+            arrays or tensors, already normalised like the model's inputs.
+
+    Returns:
+        The number of images seen.
+
+    Raises:
+        LeukoError: the model has no BatchNorm layer (nothing to adapt).
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise LeukoError(f"{type(model).__name__} has no BatchNorm layer: AdaBN has nothing to adapt")
+    saved = [(m, m.momentum) for _, m in layers]
+    model.eval()
+    for _, m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    try:
+        for x in batches():
+            x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+            if len(x) < 2:  # a batch of one has no variance to estimate
+                continue
+            model(x.to(device).contiguous(memory_format=torch.channels_last))
+            seen += len(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return seen
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`adapt_run` did."""
+
+    out: Path
+    n_images: int
+    n_layers: int
+    failed: list[tuple[str, str]]
+    adapted: dict[str, Any]
+
+
+def collect_samples(data: str | Path, layout: str | None = None, layout_options: dict[str, Any] | None = None) -> list[Sample]:
+    """The new lab's images: a dataset in a known layout (BCCD boxes become crops), else every image file under ``data``.
+
+    Labels, where a layout has them, are never read.
+    """
+    from leuko.data import load_dataset
+    from leuko.infer.predict import collect_images
+
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise LeukoError(f"no such file or folder: {root}")
+    if layout is not None or root.is_file():
+        if root.is_file() and layout is None:
+            return [Sample(path=root, label="?")]
+        return list(load_dataset(root, layout, **(layout_options or {})).samples)
+    try:
+        return list(load_dataset(root, None, **(layout_options or {})).samples)
+    except LeukoError:
+        # no labelled layout: a plain folder of images is what an unlabelled lab has
+        return [Sample(path=p, label="?") for p in collect_images([root])]
+
+
+def adapt_run(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    layout: str | None = None,
+    layout_options: dict[str, Any] | None = None,
+    method: str = "adabn",
+    max_images: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+) -> AdaptResult:
+    """Adapt the model of ``run_dir`` to the images in ``data``; write the adapted run to ``out``.
+
+    Args:
+        data: the new lab's images (a dataset folder, or any folder of images).
+        layout: how to read ``data`` (e.g. ``bccd`` crops one cell per box);
+            detected, else every image file under it.
+        max_images: use a random (seeded) subset of at most this many images.
+        batch_size: images per BatchNorm batch (larger: steadier statistics).
+
+    Raises:
+        LeukoError: bad arguments, ``out`` exists, too few readable images, a
+            model without BatchNorm.
+    """
+    from leuko.infer.backends import ModelInput, iter_batches, sample_loader
+
+    if method not in ADAPT_METHODS:
+        raise LeukoError(f"unknown adaptation method {method!r}; known: {', '.join(ADAPT_METHODS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise LeukoError(f"batch size must be an integer >= 2 (BatchNorm needs a variance); got {batch_size!r}")
+    if max_images is not None and max_images < MIN_IMAGES:
+        raise LeukoError(f"--max-images must be at least {MIN_IMAGES}; got {max_images}")
+    run = RunFolder.open(run_dir)
+    target = Path(out).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise LeukoError(f"{target} already exists; choose a new --out (an adapted run never overwrites a folder)")
+    if target.resolve() == run.path.resolve():
+        raise LeukoError("--out must be a new folder, not the run being adapted")
+    model, meta = load_model(run.path)
+    n_layers = len(batchnorm_layers(model))
+    if not n_layers:
+        raise LeukoError(f"the model of {run.path} ({meta['model'].get('name')}) has no BatchNorm layer: AdaBN has nothing to adapt")
+    samples = collect_samples(data, layout, layout_options)
+    if max_images is not None and len(samples) > max_images:
+        rng = np.random.default_rng(seed)
+        samples = [samples[i] for i in sorted(rng.choice(len(samples), max_images, replace=False))]
+    if len(samples) < MIN_IMAGES:
+        raise LeukoError(f"AdaBN needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
+    model_input = ModelInput.from_meta(meta["input"])
+    load = sample_loader(samples, model_input)
+    failed: list[tuple[str, str]] = []
+    # equal batches: the cumulative average weights batches, not images, equally
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_used = len(samples) // batch_size * batch_size if len(samples) >= batch_size else len(samples)
+    chosen = [int(i) for i in order[:n_used]]
+
+    def batches() -> Iterator[np.ndarray]:
+        for b in iter_batches(len(chosen), lambda i, buf: load(chosen[i], buf), model_input.shape, batch_size=batch_size):
+            failed.extend((samples[chosen[i]].key, why) for i, why in b.failed)
+            yield b.x
+
+    echo(f"adapting {run.path.name}: {n_layers} BatchNorm layers on {len(chosen)} images of {data} ({method})")
+    seen = adapt_batchnorm(model, batches)
+    if seen < MIN_IMAGES:
+        raise LeukoError(f"only {seen} images of {data} could be read; AdaBN needs at least {MIN_IMAGES}")
+    adapted = {
+        "method": method,
+        "data": str(Path(data).expanduser().resolve()),
+        "layout": layout,
+        "n_images": int(seen),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run.path.resolve()),
+        "bn_layers": n_layers,
+    }
+    if meta.get("review"):
+        review = dict(meta["review"])
+        review["chosen_on"] = f"{review.get('chosen_on', 'the validation split')} of the source lab, before adaptation"
+        meta["review"] = review
+    meta["adapted"] = adapted
+    target.mkdir(parents=True, exist_ok=True)
+    new = RunFolder(target)
+    for name in COPIED_FILES:
+        src = run.path / name
+        if src.is_file():
+            shutil.copy2(src, target / name)
+    save_model(new.model, model, {k: v for k, v in meta.items() if k != "format"})
+    new.write_json("adapt.json", {**adapted, "failed": failed})
+    return AdaptResult(target, int(seen), n_layers, failed, adapted)
+
+
+__all__ = ["ADAPT_METHODS", "AdaptResult", "adapt_batchnorm", "adapt_run", "batchnorm_layers", "collect_samples"]

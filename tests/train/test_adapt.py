@@ -1,0 +1,152 @@
+"""``leuko adapt`` (AdaBN): BatchNorm statistics move to the new lab's, weights stay, the run stays usable."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cells import make_cell
+from leuko.errors import LeukoError
+from leuko.evaluate.run import evaluate_run
+from leuko.infer.backends import ModelInput
+from leuko.runs import load_model, read_model_meta
+from leuko.train import train
+from leuko.train.adapt import adapt_batchnorm, adapt_run, batchnorm_layers
+from test_cli import call
+
+CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
+TINY = [
+    "model.name=custom_cnn",
+    "model.pretrained=none",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.split=holdout-60-20-20",
+    "model.freeze=backbone",  # the frozen-feature path: a run folder in seconds, no Lightning
+    "train.epochs=5",
+    "train.batch_size=8",
+    "train.lr=0.01",
+    "trainer.progress=false",
+]
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on the shared 2-core machines an oversubscribed pool is many times slower
+    (see tests/models/conftest.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """``(run, source data, new lab)``: a tiny trained run and a darker, bluer "other lab" of the same classes."""
+    base = tmp_path_factory.mktemp("adapt")
+    src, new = base / "src", base / "newlab"
+    for ci, cls in enumerate(CLASSES):
+        for i in range(16):
+            make_cell(src / cls / f"{i}.png", size=(40, 40), seed=100 * ci + i, hue=60 * ci)
+            p = make_cell(new / cls / f"{i}.png", size=(40, 40), seed=5000 + 100 * ci + i, hue=60 * ci)
+            im = np.asarray(Image.open(p)).astype(np.float32) * [0.6, 0.7, 0.9] + [0, 10, 40]
+            Image.fromarray(np.clip(im, 0, 255).astype(np.uint8)).save(p)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEUKO_CACHE_DIR", str(base / "cache"))
+    train(None, base / "run", overrides=TINY, data_path=src, echo=lambda s: None)
+    yield base / "run", src, new
+    mp.undo()
+
+
+def first_bn_input_stats(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of what the first BatchNorm layer receives (independent of any BN statistics)."""
+    name, bn = batchnorm_layers(model)[0]
+    seen: list[torch.Tensor] = []
+    h = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model.eval()(x)
+    h.remove()
+    a = seen[0].transpose(0, 1).reshape(seen[0].shape[1], -1)
+    return a.mean(1), a.var(1)
+
+
+def test_adapt_moves_batchnorm_statistics_and_keeps_weights(lab: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    run, _, new = lab
+    out = tmp_path / "adapted"
+    res = adapt_run(run, new, out, layout="folder", batch_size=12, echo=lambda s: None)
+    assert res.n_images == 48 and res.n_layers == len(batchnorm_layers(load_model(run)[0])) > 0
+    before = read_model_meta(run / "model.pt")
+    after = read_model_meta(out / "model.pt")
+    assert after["adapted"]["method"] == "adabn" and after["adapted"]["n_images"] == 48
+    assert after["adapted"]["data"] == str(new.resolve()) and after["adapted"]["date"]
+    assert "before adaptation" in after["review"]["chosen_on"]
+    assert after["classes"] == before["classes"] and after["input"] == before["input"]
+    changed = 0
+    for key, w in before["state_dict"].items():
+        if key.endswith(BN_STATS):
+            changed += int(not torch.equal(w, after["state_dict"][key]))
+        else:
+            assert torch.equal(w, after["state_dict"][key]), f"{key} changed"
+    assert changed >= 2 * res.n_layers  # mean and var of every layer (counters too)
+    # the first layer's statistics are now the new lab's (same preprocessing as inference)
+    model, meta = load_model(run)
+    mi = ModelInput.from_meta(meta["input"])
+    files = sorted(new.rglob("*.png"))
+    x = torch.from_numpy(np.stack([mi.from_array(np.asarray(Image.open(p).convert("RGB"))) for p in files]))
+    mean_new, var_new = first_bn_input_stats(model, x)
+    name = batchnorm_layers(model)[0][0]
+    src_mean, src_var = before["state_dict"][f"{name}.running_mean"], before["state_dict"][f"{name}.running_var"]
+    ad_mean, ad_var = after["state_dict"][f"{name}.running_mean"], after["state_dict"][f"{name}.running_var"]
+    assert torch.allclose(ad_mean, mean_new, atol=1e-4, rtol=1e-3)  # equal batches: the average is the overall mean
+    assert (ad_mean - mean_new).abs().sum() < 0.01 * (src_mean - mean_new).abs().sum()
+    assert (ad_var - var_new).abs().sum() < 0.5 * (src_var - var_new).abs().sum()
+    for name in ("config.yaml", "classes.json", "split.json", "data.json"):
+        assert (out / name).read_bytes() == (run / name).read_bytes()
+    assert json.loads((out / "adapt.json").read_text())["n_images"] == 48
+
+    # the adapted run evaluates like any run; the side-by-side shows the source's held-out numbers
+    inlab = evaluate_run(run, figures=False, echo=lambda s: None)
+    m = evaluate_run(out, data=new, layout="folder", figures=False, echo=lambda s: None)
+    assert m["n"] == 48 and m["in_lab"] is None  # the adapted run was never evaluated on its own test split
+    m_src = evaluate_run(run, data=new, layout="folder", figures=False, echo=lambda s: None)
+    assert m_src["in_lab"]["accuracy"] == pytest.approx(inlab["accuracy"]) and m_src["in_lab"]["n"] == inlab["n"]
+
+
+def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, _, new = lab
+    out = tmp_path / "ad"
+    assert call(["adapt", str(run), "--data", str(new), "--out", str(out), "--batch-size", "12"]) == 0
+    text = capsys.readouterr().out
+    assert "BatchNorm layers re-estimated on 48 images" in text and (out / "model.pt").is_file()
+    evaluate_run(run, figures=False, echo=lambda s: None)
+    assert call(["evaluate", str(run), "--data", str(new), "--out", str(tmp_path / "ev")]) == 0
+    text = capsys.readouterr().out
+    assert "in-lab vs new lab" in text and "held-out test" in text
+    few = tmp_path / "few"
+    for i in range(3):
+        make_cell(few / f"{i}.png", size=(32, 32), seed=i)
+    cases = [
+        (["adapt", str(run), "--data", str(new), "--out", str(out)], "already exists"),
+        (["adapt", str(run), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o1")], "no such file or folder"),
+        (["adapt", str(tmp_path), "--data", str(new), "--out", str(tmp_path / "o2")], "is not a leuko run folder"),
+        (["adapt", str(run), "--data", str(few), "--out", str(tmp_path / "o3")], "needs at least 16 images"),
+        (["adapt", str(run), "--data", str(new), "--out", str(tmp_path / "o4"), "--batch-size", "1"], "batch size must be"),
+    ]
+    for argv, message in cases:
+        assert call(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+        assert "Traceback" not in err[0]
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_adapt_needs_batchnorm() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(LeukoError, match="no BatchNorm layer"):
+        adapt_batchnorm(model, lambda: [torch.zeros(2, 3, 8, 8)])
