@@ -194,6 +194,54 @@ def data_audit(
         console.print(f"[green]written:[/] {out}")
 
 
+@data_app.command("crops")
+def data_crops(
+    path: Path = typer.Argument(..., help="Dataset folder (or CSV manifest)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write crops, contact sheets, crops.csv and fallbacks.txt into (new or empty)."),
+    layout: Optional[str] = LayoutOpt,
+    preprocess: str = typer.Option("cell-crop", "--preprocess", help="Preprocessing steps, comma-separated (e.g. cell-crop:0.55,reinhard)."),
+    image_size: int = typer.Option(128, "--image-size", help="Output side in pixels."),
+    resize: str = typer.Option("stretch", "--resize", help="stretch, pad or crop (how a non-square source becomes square)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Use this run's preprocessing, size and resize mode instead."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="A random (seeded) sample of at most this many images."),
+    margin: Optional[float] = typer.Option(None, help="bccd: crop margin around each WBC box (fraction of its side)."),
+    files: bool = typer.Option(True, "--files/--no-files", help="Also save every crop as a PNG (not only contact sheets)."),
+) -> None:
+    """Save what a model sees after preprocessing (crops, contact sheets) and list images where no cell was found."""
+    import random
+
+    from leuko.data import load_dataset
+    from leuko.data.crops import write_crops
+    from leuko.data.preprocess import build_preprocess
+
+    if run is not None:
+        from leuko.runs import RunFolder
+        from leuko.train.config import load_config
+
+        cfg = load_config(RunFolder.open(run).config).data
+        pre = build_preprocess(cfg.image_size, cfg.preprocess, resize=cfg.resize)
+    else:
+        if resize not in ("stretch", "pad", "crop"):
+            raise LeukoError(f"--resize must be stretch, pad or crop; got {resize!r}")
+        pre = build_preprocess(image_size, preprocess, resize=resize)  # type: ignore[arg-type]
+    options = {"margin": margin} if margin is not None else {}
+    samples = load_dataset(path, layout, **options).samples
+    if limit is not None:
+        if limit < 1:
+            raise LeukoError(f"--limit must be a positive number; got {limit}")
+        if len(samples) > limit:
+            samples = random.Random(0).sample(samples, limit)
+    res = write_crops(samples, pre, out, files=files)
+    console.print(f"{', '.join(pre.steps) or 'no steps'} at {pre.image_size}px: {res.report.summary()}")
+    for key in res.report.fallbacks[:20]:
+        console.print(f"  [yellow]no cell:[/] {key}", highlight=False)
+    if len(res.report.fallbacks) > 20:
+        console.print(f"  ... {len(res.report.fallbacks) - 20} more in {out / 'fallbacks.txt'}")
+    for key, reason in res.report.failed:
+        console.print(f"  [yellow]unreadable:[/] {key}: {reason}", highlight=False)
+    console.print(f"[green]written:[/] {res.out} ({res.n_files} crops, {len(res.sheets)} contact sheet(s), crops.csv, fallbacks.txt)")
+
+
 @data_app.command("fetch")
 def data_fetch(
     name: Optional[str] = typer.Argument(None, help="Dataset name (see --list)."),
@@ -364,11 +412,16 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>)."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML/JSON with 'merge' and 'exclude' to match another label set, or a shipped map by name (pbc-to-bccd)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (flips, 90-degree rotation)."),
+    margin: Optional[float] = typer.Option(None, help="bccd: crop margin around each WBC box (fraction of its side)."),
 ) -> None:
-    """Metrics (with 95% CIs), predictions.csv, confusion matrices, curves and a classification report."""
+    """Metrics (with 95% CIs), predictions.csv, confusion matrices, curves and a classification report.
+
+    On another lab's data (--data), the run's own held-out numbers are shown beside the new lab's."""
     from leuko.evaluate.run import evaluate_run
 
-    m = evaluate_run(run_dir, data=data, layout=layout, split=split, out=out, class_map=class_map, tta=tta, echo=console.print)
+    options = {"margin": margin} if margin is not None else None
+    m = evaluate_run(run_dir, data=data, layout=layout, split=split, out=out, class_map=class_map, tta=tta,
+                     echo=console.print, layout_options=options)
     console.print(m["report"], highlight=False)
     ci = m.get("ci95") or {}
     acc_ci = ci.get("accuracy") or [None, None]
@@ -382,7 +435,42 @@ def evaluate_cmd(
         console.print(f"[dim]class map: {note}[/]")
     for path, reason in m["data"]["failed"]:
         console.print(f"[yellow]unreadable:[/] {path}: {reason}")
+    _print_cell_crop(m["data"].get("cell_crop"))
+    if "in_lab" in m:
+        _print_side_by_side(run_dir, m)
     console.print(f"[green]written:[/] {m['out_dir']}")
+
+
+def _print_cell_crop(info: Optional[dict]) -> None:
+    """Name the images in which cell-crop found no cell (classified from the whole frame)."""
+    if not info or not info["fell_back"]:
+        return
+    names = info["fell_back"]
+    console.print(f"[yellow]cell-crop found no cell in {len(names)} image(s)[/] (classified from the whole frame): "
+                  + ", ".join(names[:10]) + (f" ... (+{len(names) - 10}, listed in metrics.json)" if len(names) > 10 else ""),
+                  highlight=False)
+
+
+def _print_side_by_side(run_dir: Path, m: dict) -> None:
+    """In-lab (the run's held-out test) vs new-lab numbers: the size of the domain shift at a glance."""
+    inlab = m.get("in_lab")
+    if inlab is None:
+        console.print(f"[dim]in-lab numbers: none yet; run 'leuko evaluate {run_dir}' (its held-out test split) "
+                      "to see them beside these[/]")
+        return
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    table = Table(title="in-lab vs new lab", show_edge=False)
+    table.add_column("")
+    table.add_column(f"in-lab (held-out test, n={inlab.get('n', '?')})", justify="right")
+    table.add_column(f"new lab (n={m.get('n', '?')})", justify="right")
+    table.add_column("change", justify="right")
+    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced acc")):
+        a, b = inlab.get(key), m.get(key)
+        delta = "" if a is None or b is None else f"{b - a:+.4f}"
+        table.add_row(label, fmt(a), fmt(b), delta)
+    console.print(table)
+    console.print(f"[dim]in-lab: {inlab.get('source')}; the new lab is scored on its own label set (class map applied)[/]",
+                  highlight=False)
 
 
 @app.command("explain")
@@ -480,6 +568,29 @@ def export_cmd(
         f"max |logit difference| vs PyTorch {result.max_abs_diff:.1e}"
     )
     console.print(f"[green]written:[/] {result.path} ({result.size_bytes / 2**20:.1f} MiB)")
+
+
+# ------------------------------------------------------------------ adapt
+@app.command("adapt")
+def adapt_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder written by 'leuko train'."),
+    data: Path = typer.Option(..., "--data", "-d", help="The new lab's images (unlabelled is fine): a dataset or any folder of images."),
+    out: Path = typer.Option(..., "--out", "-o", help="The adapted run folder to create (must not exist)."),
+    layout: Optional[str] = LayoutOpt,
+    margin: Optional[float] = typer.Option(None, help="bccd: crop margin around each WBC box (fraction of its side)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use a random subset of at most this many images."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per BatchNorm batch."),
+) -> None:
+    """AdaBN: re-estimate the model's BatchNorm statistics on a new lab's images (no labels); writes a new run folder."""
+    from leuko.train.adapt import adapt_run
+
+    options = {"margin": margin} if margin is not None else None
+    res = adapt_run(run_dir, data, out, layout=layout, layout_options=options, max_images=max_images,
+                    batch_size=batch_size, echo=console.print)
+    for key, reason in res.failed:
+        err_console.print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, soft_wrap=True)
+    console.print(f"{res.n_layers} BatchNorm layers re-estimated on {res.n_images} images; weights unchanged")
+    console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out} --data {data})", highlight=False)
 
 
 # ------------------------------------------------------------------ serve

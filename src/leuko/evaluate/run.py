@@ -126,7 +126,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a trained run; writes ``metrics.json``, ``predictions.csv`` and figures into ``out``.
 
-    Returns the metrics dict (with ``data``, ``class_map`` and ``report`` entries added).
+    Returns the metrics dict (with ``data``, ``class_map`` and ``report`` entries added; on
+    another dataset also ``in_lab``: the run's own held-out numbers, see :func:`in_lab_metrics`;
+    with ``cell-crop`` preprocessing ``data.cell_crop`` lists the images where no cell was found).
     """
     from leuko.data import load_dataset
     from leuko.infer import Predictor
@@ -145,6 +147,7 @@ def evaluate_run(
         samples = prepared.index.samples if split == "all" else getattr(prepared, split)
         target_classes = prepared.classes
         source = f"{prepared.index.root} ({split} split of the run)"
+        own_data = True
     else:
         index = load_dataset(data, layout, **(layout_options or {}))
         if split not in ("all", "test"):
@@ -152,6 +155,7 @@ def evaluate_run(
         samples = index.samples
         target_classes = index.classes
         source = f"{index.root} (all {len(samples)} samples, layout {index.layout})"
+        own_data = False
     if not samples:
         raise LeukoError(f"no images to evaluate in the {split!r} part")
     predictor = Predictor(run.path)
@@ -171,6 +175,10 @@ def evaluate_run(
     y = np.array([c2i[s.label] for s in kept], dtype=int)
     metrics = compute_metrics(y, probs, target_classes)
     metrics["data"] = {"source": source, "split": split, "n_images": len(kept), "failed": pred.failed}
+    if predictor.model_input.preprocess.cell_share is not None:
+        metrics["data"]["cell_crop"] = _cell_crop_check(kept, predictor.model_input.preprocess, echo)
+    if not own_data:
+        metrics["in_lab"] = in_lab_metrics(run)
     metrics["class_map"] = {"merge": cmap.merge, "exclude": cmap.exclude, "notes": notes}
     metrics["temperature"] = predictor.temperature
     metrics["tta"] = tta
@@ -189,6 +197,39 @@ def evaluate_run(
     metrics["report"] = report
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy")
+"""Headline numbers copied from the run's own held-out evaluation for the side-by-side view."""
+
+
+def in_lab_metrics(run: RunFolder) -> dict[str, Any] | None:
+    """The run's held-out test numbers (``RUN/eval/test/metrics.json``), or ``None`` if never evaluated.
+
+    Shown beside another lab's numbers by ``leuko evaluate --data``: a drop
+    from one to the other is the domain shift, not a property of either set.
+    """
+    path = run.path / "eval" / "test" / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("ignoring unreadable %s", path)
+        return None
+    out = {k: m[k] for k in IN_LAB_KEYS if k in m}
+    out["source"] = (m.get("data") or {}).get("source", str(path))
+    out["path"] = str(path)
+    return out
+
+
+def _cell_crop_check(samples: list[Sample], preprocess: Any, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Which evaluated images ``cell-crop`` found no cell in (they were classified from the whole frame)."""
+    from leuko.data.crops import crop_report
+
+    report = crop_report(samples, preprocess)
+    echo(f"cell-crop: {report.summary()}")
+    return {"found": len(report.records) - len(report.fallbacks), "fell_back": report.fallbacks}
 
 
 def _figures(out_dir: Path, run: RunFolder, metrics: dict, y: np.ndarray, probs: np.ndarray, kept: list[Sample], classes: list[str]) -> None:
