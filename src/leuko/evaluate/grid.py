@@ -129,8 +129,10 @@ def run_cell(
     from leuko.evaluate.run import evaluate_run
     from leuko.train import train
 
+    from leuko.evaluate.run import default_eval_dir
+
     run_dir = _cell_dir(out, cell)
-    metrics_file = run_dir / "eval" / eval_split / "metrics.json"
+    metrics_file = default_eval_dir(run_dir, None, eval_split) / "metrics.json"
     run = RunFolder(run_dir)
     if run.model.is_file() and metrics_file.is_file():
         echo(f"cell {cell.name}: done earlier: skipped")

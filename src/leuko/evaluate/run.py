@@ -111,6 +111,14 @@ def _same_dataset(run_root: str | None, data_root: Path) -> bool:
     return run_root is not None and Path(run_root).resolve() == data_root.resolve()
 
 
+def default_eval_dir(run_dir: str | Path, data: str | Path | None, split: str) -> Path:
+    """Where ``evaluate_run`` writes by default: ``RUN/eval/<split>`` or ``RUN/eval/<dataset>-<split>``.
+
+    Reports and grids look there for an earlier evaluation to reuse.
+    """
+    return Path(run_dir) / "eval" / (split if data is None else Path(str(data)).name + f"-{split}")
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -136,7 +144,7 @@ def evaluate_run(
     from leuko.train.data import prepare_data
 
     run = RunFolder.open(run_dir)
-    out_dir = Path(out) if out is not None else run.path / "eval" / (split if data is None else Path(str(data)).name + f"-{split}")
+    out_dir = Path(out) if out is not None else default_eval_dir(run.path, data, split)
     if split not in ("train", "val", "test", "all"):
         raise LeukoError(f"--split must be train, val, test or all; got {split!r}")
     cfg = load_config(run.config)

@@ -73,17 +73,14 @@ def _held_out_split(run: RunFolder) -> str:
     return "test"
 
 
-def _default_eval_dir(run: RunFolder, data: str | Path | None, split: str) -> Path:
-    # Mirrors evaluate_run's default ``out``, so an earlier ``leuko evaluate`` is found and reused.
-    return run.path / "eval" / (split if data is None else Path(str(data)).name + f"-{split}")
-
-
 def load_or_evaluate(
     run: RunFolder, *, data: str | Path | None = None, layout: str | None = None, echo: Echo = print
 ) -> Evaluation:
     """The run's held-out evaluation: reused when up to date, else computed (needs the data)."""
     split = "test" if data is not None else _held_out_split(run)
-    out_dir = _default_eval_dir(run, data, split)
+    from leuko.evaluate.run import default_eval_dir
+
+    out_dir = default_eval_dir(run.path, data, split)
     metrics_file, preds_file = out_dir / "metrics.json", out_dir / "predictions.csv"
     fresh = (
         metrics_file.is_file()
