@@ -56,6 +56,9 @@ AUGMENT_PRESETS: dict[str, str] = {
     "AlexNet/GoogLeNet/ResNet/VGG transfer-learning study",
     "cells": "flips and 90-degree rotations, small rotation/scale/shift, "
     "brightness/contrast, hue/saturation and stain-like colour jitter",
+    "stain": "cells, with the colour and optics of other labs: strong optical-density stain "
+    "jitter, hue/saturation/gamma, low contrast, defocus blur or resampling, JPEG artefacts, "
+    "wider scale jitter (for models that must work on other labs' slides)",
 }
 """Augmentation presets by name, with a one-line description (shown by the CLI)."""
 
@@ -136,6 +139,8 @@ def augment_transforms(augment: str) -> list[A.BasicTransform]:
                 p=1.0,
             ),
         ]
+    if augment == "stain":
+        return _stain_transforms()
     # "cells": blood cells have no up, down, left or right.
     return [
         A.SquareSymmetry(p=1.0),
@@ -149,6 +154,42 @@ def augment_transforms(augment: str) -> list[A.BasicTransform]:
         A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
         A.HueSaturationValue(hue_shift_limit=6, sat_shift_limit=15, val_shift_limit=0, p=0.5),
         StainJitter(alpha=0.05, beta=0.05, p=0.5),
+    ]
+
+
+def _stain_transforms() -> list[A.BasicTransform]:
+    """The ``stain`` preset: what differs between labs, beyond what one lab's slides vary by.
+
+    Another lab's smears differ in stain uptake (optical density: strong
+    :class:`StainJitter`), in the camera's white balance and gamma, in focus
+    and optics (BCCD's fields are softer and lower in contrast than PBC's:
+    blur, resampling, contrast *reduction* weighted more than increase), in
+    JPEG compression, and in how tightly a cell fills the crop even after
+    ``cell-crop`` (scale 0.85-1.2). Hue moves less than saturation: the
+    colour of granules is what tells an eosinophil from a neutrophil, and
+    grey-scale conversion is left out for the same reason.
+    """
+    return [
+        A.SquareSymmetry(p=1.0),
+        A.Affine(
+            scale=(0.85, 1.2),
+            rotate=(-20.0, 20.0),
+            translate_percent={"x": (-0.06, 0.06), "y": (-0.06, 0.06)},
+            border_mode=_BORDER,
+            p=0.8,
+        ),
+        StainJitter(alpha=0.2, beta=0.1, p=0.8),
+        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=30, val_shift_limit=10, p=0.7),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=(-0.45, 0.2), p=0.8),
+        A.RandomGamma(gamma_limit=(75, 133), p=0.3),
+        A.OneOf(
+            [
+                A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.3, 1.8), p=1.0),
+                A.Downscale(scale_range=(0.4, 0.8), p=1.0),
+            ],
+            p=0.4,
+        ),
+        A.ImageCompression(quality_range=(40, 95), p=0.3),
     ]
 
 

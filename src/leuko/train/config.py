@@ -37,8 +37,8 @@ class DataConfig(_Strict):
     split_seed: Optional[int] = Field(None, description="Seed of the split (defaults to train.seed).")
     image_size: int = Field(224, ge=16, le=1024, description="Square input side in pixels.")
     resize: Literal["stretch", "pad", "crop"] = "stretch"
-    preprocess: list[str] = Field(default_factory=list, description="Deterministic steps before augmentation, e.g. [clahe].")
-    augment: str = Field("none", description="Augmentation preset: none, study, cells.")
+    preprocess: list[str] = Field(default_factory=list, description="Deterministic steps before augmentation, e.g. [clahe], [cell-crop, reinhard].")
+    augment: str = Field("none", description="Augmentation preset: none, study, cells, stain.")
     cache: bool = Field(True, description="Cache decoded, resized images on disk.")
     num_workers: Optional[int] = Field(None, ge=0, description="DataLoader worker processes (default: by CPU count).")
 

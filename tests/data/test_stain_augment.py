@@ -1,0 +1,44 @@
+"""The ``stain`` augmentation preset: it moves colour, contrast and sharpness well beyond ``cells``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leuko.data.preprocess import lab_stats
+from leuko.data.transforms import build_transforms
+from test_cell_crop import smear
+
+
+def spread(augment: str, image: np.ndarray, n: int = 60) -> tuple[np.ndarray, float]:
+    """Std over augmented copies of each LAB statistic, and the mean sharpness (Laplacian variance) ratio."""
+    import cv2
+
+    t = build_transforms(64, train=True, augment=augment, mean=(0.5,) * 3, std=(0.25,) * 3, seed=0)
+    stats, sharp = [], []
+    for _ in range(n):
+        out = t.augment_uint8(image.copy())
+        assert out.shape == image.shape and out.dtype == np.uint8
+        stats.append(lab_stats(out))
+        sharp.append(cv2.Laplacian(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
+    base = cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+    return np.array(stats).std(axis=0), float(np.mean(sharp) / base)
+
+
+def test_stain_preset_varies_colour_and_focus_more_than_cells() -> None:
+    image = np.asarray(__import__("cv2").resize(smear(200, 100, 100, 45), (64, 64)))
+    cells, cells_sharp = spread("cells", image)
+    stain, stain_sharp = spread("stain", image)
+    assert stain[0] > 1.5 * cells[0]  # lightness mean (stain uptake, brightness)
+    assert stain[3] > 1.5 * cells[3]  # lightness spread (contrast)
+    assert stain[1] + stain[2] > 1.2 * (cells[1] + cells[2])  # colour (a, b)
+    assert stain_sharp < 0.9 * cells_sharp  # defocus and resampling soften images on average
+
+
+def test_stain_preset_is_seeded() -> None:
+    image = smear(64, 32, 32, 14)
+    a = build_transforms(64, train=True, augment="stain", mean=(0.5,) * 3, std=(0.25,) * 3, seed=3)
+    b = build_transforms(64, train=True, augment="stain", mean=(0.5,) * 3, std=(0.25,) * 3, seed=3)
+    assert all(np.array_equal(a.augment_uint8(image.copy()), b.augment_uint8(image.copy())) for _ in range(5))
+    with pytest.raises(Exception, match="augment must be one of"):
+        build_transforms(64, train=True, augment="stains", mean=(0.5,) * 3, std=(0.25,) * 3)
