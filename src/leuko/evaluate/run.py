@@ -212,12 +212,13 @@ IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy"
 
 
 def in_lab_metrics(run: RunFolder) -> dict[str, Any] | None:
-    """The run's held-out test numbers (``RUN/eval/test/metrics.json``), or ``None`` if never evaluated.
+    """The run's held-out test numbers (``RUN/eval/test/metrics.json``, where a plain
+    ``leuko evaluate RUN`` writes them), or ``None`` if never evaluated.
 
     Shown beside another lab's numbers by ``leuko evaluate --data``: a drop
     from one to the other is the domain shift, not a property of either set.
     """
-    path = run.path / "eval" / "test" / "metrics.json"
+    path = default_eval_dir(run.path, None, "test") / "metrics.json"
     if not path.is_file():
         return None
     try:
