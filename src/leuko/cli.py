@@ -578,6 +578,7 @@ def adapt_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="The adapted run folder to create (must not exist)."),
     layout: Optional[str] = LayoutOpt,
     margin: Optional[float] = typer.Option(None, help="bccd: crop margin around each WBC box (fraction of its side)."),
+    layers: str = typer.Option("trained", "--layers", help="trained: the BatchNorm layers training estimated on the source lab (frozen ones keep ImageNet's); all: every one."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use a random subset of at most this many images."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per BatchNorm batch."),
 ) -> None:
@@ -585,7 +586,7 @@ def adapt_cmd(
     from leuko.train.adapt import adapt_run
 
     options = {"margin": margin} if margin is not None else None
-    res = adapt_run(run_dir, data, out, layout=layout, layout_options=options, max_images=max_images,
+    res = adapt_run(run_dir, data, out, layout=layout, layout_options=options, layers=layers, max_images=max_images,
                     batch_size=batch_size, echo=console.print)
     for key, reason in res.failed:
         err_console.print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, soft_wrap=True)

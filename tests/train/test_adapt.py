@@ -17,7 +17,7 @@ from leuko.evaluate.run import evaluate_run
 from leuko.infer.backends import ModelInput
 from leuko.runs import load_model, read_model_meta
 from leuko.train import train
-from leuko.train.adapt import adapt_batchnorm, adapt_run, batchnorm_layers
+from leuko.train.adapt import adapt_batchnorm, adapt_run, batchnorm_layers, trained_batchnorm
 from test_cli import call
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
@@ -60,6 +60,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     mp = pytest.MonkeyPatch()
     mp.setenv("LEUKO_CACHE_DIR", str(base / "cache"))
     train(None, base / "run", overrides=TINY, data_path=src, echo=lambda s: None)
+    evaluate_run(base / "run", figures=False, echo=lambda s: None)  # in-lab numbers: RUN/eval/test
     yield base / "run", src, new
     mp.undo()
 
@@ -79,7 +80,8 @@ def first_bn_input_stats(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch
 def test_adapt_moves_batchnorm_statistics_and_keeps_weights(lab: tuple[Path, Path, Path], tmp_path: Path) -> None:
     run, _, new = lab
     out = tmp_path / "adapted"
-    res = adapt_run(run, new, out, layout="folder", batch_size=12, echo=lambda s: None)
+    # the tiny run froze its backbone (ImageNet-style statistics everywhere): adapt all layers
+    res = adapt_run(run, new, out, layout="folder", layers="all", batch_size=12, echo=lambda s: None)
     assert res.n_images == 48 and res.n_layers == len(batchnorm_layers(load_model(run)[0])) > 0
     before = read_model_meta(run / "model.pt")
     after = read_model_meta(out / "model.pt")
@@ -111,7 +113,7 @@ def test_adapt_moves_batchnorm_statistics_and_keeps_weights(lab: tuple[Path, Pat
     assert json.loads((out / "adapt.json").read_text())["n_images"] == 48
 
     # the adapted run evaluates like any run; the side-by-side shows the source's held-out numbers
-    inlab = evaluate_run(run, figures=False, echo=lambda s: None)
+    inlab = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     m = evaluate_run(out, data=new, layout="folder", figures=False, echo=lambda s: None)
     assert m["n"] == 48 and m["in_lab"] is None  # the adapted run was never evaluated on its own test split
     m_src = evaluate_run(run, data=new, layout="folder", figures=False, echo=lambda s: None)
@@ -121,10 +123,9 @@ def test_adapt_moves_batchnorm_statistics_and_keeps_weights(lab: tuple[Path, Pat
 def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, _, new = lab
     out = tmp_path / "ad"
-    assert call(["adapt", str(run), "--data", str(new), "--out", str(out), "--batch-size", "12"]) == 0
+    assert call(["adapt", str(run), "--data", str(new), "--out", str(out), "--batch-size", "12", "--layers", "all"]) == 0
     text = capsys.readouterr().out
     assert "BatchNorm layers re-estimated on 48 images" in text and (out / "model.pt").is_file()
-    evaluate_run(run, figures=False, echo=lambda s: None)
     assert call(["evaluate", str(run), "--data", str(new), "--out", str(tmp_path / "ev")]) == 0
     text = capsys.readouterr().out
     assert "in-lab vs new lab" in text and "held-out test" in text
@@ -133,9 +134,11 @@ def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, ca
         make_cell(few / f"{i}.png", size=(32, 32), seed=i)
     cases = [
         (["adapt", str(run), "--data", str(new), "--out", str(out)], "already exists"),
+        (["adapt", str(run), "--data", str(new), "--out", str(tmp_path / "o0")], "no BatchNorm layer of run was trained"),
+        (["adapt", str(run), "--data", str(new), "--out", str(tmp_path / "o5"), "--layers", "some"], "--layers must be"),
         (["adapt", str(run), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o1")], "no such file or folder"),
         (["adapt", str(tmp_path), "--data", str(new), "--out", str(tmp_path / "o2")], "is not a leuko run folder"),
-        (["adapt", str(run), "--data", str(few), "--out", str(tmp_path / "o3")], "needs at least 16 images"),
+        (["adapt", str(run), "--data", str(few), "--out", str(tmp_path / "o3"), "--layers", "all"], "needs at least 16 images"),
         (["adapt", str(run), "--data", str(new), "--out", str(tmp_path / "o4"), "--batch-size", "1"], "batch size must be"),
     ]
     for argv, message in cases:
@@ -144,6 +147,27 @@ def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, ca
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
         assert "Traceback" not in err[0]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_only_trained_batchnorm_layers_are_adapted_by_default() -> None:
+    from leuko.models import build_model
+
+    model = build_model("custom_cnn", num_classes=3, pretrained="none")
+    every = [n for n, _ in batchnorm_layers(model)]
+    assert trained_batchnorm(model, "none") == every
+    assert trained_batchnorm(model, "backbone") == [] == trained_batchnorm(model, "bn")
+    last = trained_batchnorm(model, "last:1")
+    assert 0 < len(last) < len(every) and last == every[-len(last) :]  # the output end of the network
+    assert all(m.weight.requires_grad for _, m in batchnorm_layers(model))  # freeze hooks removed again
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 3, 32, 32) * 3 + 2
+    assert adapt_batchnorm(model, lambda: [x[:4], x[4:]], layers=last) == 8
+    after = model.state_dict()
+    for name in every:
+        moved = not torch.equal(before[f"{name}.running_mean"], after[f"{name}.running_mean"])
+        assert moved == (name in last), name
+    with pytest.raises(LeukoError, match="no BatchNorm layer named"):
+        adapt_batchnorm(model, lambda: [x], layers=["nope"])
 
 
 def test_adapt_needs_batchnorm() -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "FREEZE_MODES",
     "FreezeSummary",
     "backbone_blocks",
+    "bn_frozen",
     "freeze",
     "get_classifier_params",
     "head_path",
@@ -196,6 +197,12 @@ def _parse_mode(mode: str) -> tuple[str, int]:
 def _keep_bn_in_eval(module: nn.Module, args: object) -> None:
     """Forward pre-hook of a frozen BatchNorm: normalise with (and keep) the running statistics."""
     module.training = False
+
+
+def bn_frozen(bn: nn.Module) -> bool:
+    """True when :func:`freeze` froze this BatchNorm layer: its running statistics are the
+    pretrained weights' (e.g. ImageNet's), never the training data's."""
+    return any(hook is _keep_bn_in_eval for hook in bn._forward_pre_hooks.values())
 
 
 def _set_bn_frozen(bn: _BatchNorm, frozen: bool, training: bool) -> None:

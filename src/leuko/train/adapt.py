@@ -28,7 +28,7 @@ import datetime as _dt
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,14 +49,49 @@ COPIED_FILES: tuple[str, ...] = ("config.yaml", "classes.json", "split.json", "d
 """Files of the source run the adapted run keeps (training history and data description)."""
 
 
+ADAPT_LAYERS: tuple[str, ...] = ("trained", "all")
+"""Which BatchNorm layers :func:`adapt_run` re-estimates (see :func:`trained_batchnorm`)."""
+
+
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """Every BatchNorm layer (1-D, 2-D, 3-D, synchronised) that tracks running statistics."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
+def trained_batchnorm(model: nn.Module, freeze_mode: str) -> list[str]:
+    """Names of the BatchNorm layers whose statistics training estimated on the source lab's images.
+
+    AdaBN's premise is that a layer's stored statistics are the source
+    data's; then swapping in the new lab's makes the layer's output look to
+    the layers after it as the source's did. A layer that ``model.freeze``
+    froze (early blocks under ``last:N``, every backbone layer under
+    ``backbone`` or ``bn``) kept the pretrained weights' (ImageNet)
+    statistics instead, and the trained layers after it learnt from what it
+    outputs *with those*: re-estimating it would hand them inputs they never
+    saw. So by default only the trained layers are adapted; the frozen ones
+    keep normalising both labs the same way and the first trained layer
+    absorbs the shift. The same :func:`leuko.models.freeze` call that training
+    made decides which is which.
+    """
+    from leuko.models import freeze
+    from leuko.models.freeze import bn_frozen
+
+    freeze(model, freeze_mode)
+    try:
+        return [n for n, m in batchnorm_layers(model) if not bn_frozen(m)]
+    finally:
+        freeze(model, "none")  # hooks off again: the adapted model is saved and reloaded plain
+
+
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, batches: Callable[[], Any], *, device: torch.device | str = "cpu") -> int:
-    """AdaBN in place: re-estimate every BatchNorm layer's running mean and variance from ``batches``.
+def adapt_batchnorm(
+    model: nn.Module,
+    batches: Callable[[], Any],
+    *,
+    layers: Sequence[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> int:
+    """AdaBN in place: re-estimate BatchNorm layers' running mean and variance from ``batches``.
 
     The statistics are reset and then averaged over all batches with equal
     weight (``momentum=None``, PyTorch's cumulative average), not blended into
@@ -68,6 +103,8 @@ def adapt_batchnorm(model: nn.Module, batches: Callable[[], Any], *, device: tor
     Args:
         batches: a callable returning an iterable of ``float32 N x 3 x S x S``
             arrays or tensors, already normalised like the model's inputs.
+        layers: names of the layers to adapt (default: every BatchNorm layer);
+            the others keep normalising with their stored statistics.
 
     Returns:
         The number of images seen.
@@ -75,12 +112,18 @@ def adapt_batchnorm(model: nn.Module, batches: Callable[[], Any], *, device: tor
     Raises:
         LeukoError: the model has no BatchNorm layer (nothing to adapt).
     """
-    layers = batchnorm_layers(model)
-    if not layers:
+    found = batchnorm_layers(model)
+    if not found:
         raise LeukoError(f"{type(model).__name__} has no BatchNorm layer: AdaBN has nothing to adapt")
-    saved = [(m, m.momentum) for _, m in layers]
+    if layers is not None:
+        wanted = set(layers)
+        unknown = sorted(wanted - {n for n, _ in found})
+        if unknown:
+            raise LeukoError(f"no BatchNorm layer named {unknown[0]!r} in {type(model).__name__}")
+        found = [(n, m) for n, m in found if n in wanted]
+    saved = [(m, m.momentum) for _, m in found]
     model.eval()
-    for _, m in layers:
+    for _, m in found:
         m.reset_running_stats()
         m.momentum = None
         m.train()
@@ -140,6 +183,7 @@ def adapt_run(
     layout: str | None = None,
     layout_options: dict[str, Any] | None = None,
     method: str = "adabn",
+    layers: str = "trained",
     max_images: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
@@ -151,6 +195,8 @@ def adapt_run(
         data: the new lab's images (a dataset folder, or any folder of images).
         layout: how to read ``data`` (e.g. ``bccd`` crops one cell per box);
             detected, else every image file under it.
+        layers: ``trained`` (the BatchNorm layers training estimated on the
+            source lab, see :func:`trained_batchnorm`) or ``all``.
         max_images: use a random (seeded) subset of at most this many images.
         batch_size: images per BatchNorm batch (larger: steadier statistics).
 
@@ -162,6 +208,8 @@ def adapt_run(
 
     if method not in ADAPT_METHODS:
         raise LeukoError(f"unknown adaptation method {method!r}; known: {', '.join(ADAPT_METHODS)}")
+    if layers not in ADAPT_LAYERS:
+        raise LeukoError(f"--layers must be {' or '.join(ADAPT_LAYERS)}; got {layers!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
         raise LeukoError(f"batch size must be an integer >= 2 (BatchNorm needs a variance); got {batch_size!r}")
     if max_images is not None and max_images < MIN_IMAGES:
@@ -172,16 +220,28 @@ def adapt_run(
         raise LeukoError(f"{target} already exists; choose a new --out (an adapted run never overwrites a folder)")
     if target.resolve() == run.path.resolve():
         raise LeukoError("--out must be a new folder, not the run being adapted")
-    model, meta = load_model(run.path)
-    n_layers = len(batchnorm_layers(model))
-    if not n_layers:
-        raise LeukoError(f"the model of {run.path} ({meta['model'].get('name')}) has no BatchNorm layer: AdaBN has nothing to adapt")
     samples = collect_samples(data, layout, layout_options)
     if max_images is not None and len(samples) > max_images:
         rng = np.random.default_rng(seed)
         samples = [samples[i] for i in sorted(rng.choice(len(samples), max_images, replace=False))]
     if len(samples) < MIN_IMAGES:
         raise LeukoError(f"AdaBN needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
+    model, meta = load_model(run.path)
+    if not batchnorm_layers(model):
+        raise LeukoError(f"the model of {run.path} ({meta['model'].get('name')}) has no BatchNorm layer: AdaBN has nothing to adapt")
+    if layers == "trained":
+        from leuko.train.config import load_config
+
+        freeze_mode = load_config(run.config).model.freeze
+        chosen_layers = trained_batchnorm(model, freeze_mode)
+        if not chosen_layers:
+            raise LeukoError(
+                f"no BatchNorm layer of {run.path.name} was trained (model.freeze={freeze_mode} kept the pretrained "
+                "statistics everywhere); pass --layers all to re-estimate them on the new lab anyway"
+            )
+    else:
+        chosen_layers = [n for n, _ in batchnorm_layers(model)]
+    n_layers = len(chosen_layers)
     model_input = ModelInput.from_meta(meta["input"])
     load = sample_loader(samples, model_input)
     failed: list[tuple[str, str]] = []
@@ -196,7 +256,7 @@ def adapt_run(
             yield b.x
 
     echo(f"adapting {run.path.name}: {n_layers} BatchNorm layers on {len(chosen)} images of {data} ({method})")
-    seen = adapt_batchnorm(model, batches)
+    seen = adapt_batchnorm(model, batches, layers=chosen_layers)
     if seen < MIN_IMAGES:
         raise LeukoError(f"only {seen} images of {data} could be read; AdaBN needs at least {MIN_IMAGES}")
     adapted = {
@@ -206,6 +266,7 @@ def adapt_run(
         "n_images": int(seen),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source_run": str(run.path.resolve()),
+        "layers": layers,
         "bn_layers": n_layers,
     }
     if meta.get("review"):
@@ -224,4 +285,13 @@ def adapt_run(
     return AdaptResult(target, int(seen), n_layers, failed, adapted)
 
 
-__all__ = ["ADAPT_METHODS", "AdaptResult", "adapt_batchnorm", "adapt_run", "batchnorm_layers", "collect_samples"]
+__all__ = [
+    "ADAPT_LAYERS",
+    "ADAPT_METHODS",
+    "AdaptResult",
+    "adapt_batchnorm",
+    "adapt_run",
+    "batchnorm_layers",
+    "collect_samples",
+    "trained_batchnorm",
+]
