@@ -321,7 +321,7 @@ def _rows_table(title: str, rows: list[dict], columns: list[str]) -> Table:
     """A Rich table of result rows (floats to 4 places, missing as blank)."""
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="left" if c == "cell" else "right")
+        table.add_column(c, justify="left" if c == "cell" else "right", overflow="fold")
     for r in rows:
         table.add_row(*["" if r.get(c) is None else f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r[c]) for c in columns])
     return table

@@ -47,7 +47,7 @@ def markdown_table(frame: pd.DataFrame, *, headers: Mapping[str, str] | None = N
     cols = list(frame.columns)
     lines = [
         "| " + " | ".join(headers.get(c, c) for c in cols) + " |",
-        "| " + " | ".join("---" if frame[c].dtype == object else "---:" for c in cols) + " |",
+        "| " + " | ".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in cols) + " |",
     ]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
