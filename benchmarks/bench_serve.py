@@ -16,7 +16,8 @@ Servers, each in its own process on 127.0.0.1, measured one after another:
 
 Load: ``--clients`` concurrent clients (httpx, keep-alive) send ``--requests``
 ``POST /predict`` requests in all to each server, one real PBC image each
-(what the review page sends), after ``--warmup`` untimed requests. All servers
+(what the review page sends), after ``--warmup`` untimed requests; no new
+request starts after ``--time-limit`` seconds per round. All servers
 start first; then ``--rounds`` rounds load each in turn, so a change in the
 machine's load during the run hits every server alike. Reported: images/s,
 p50/p95 latency per request, errors, and forward passes per request for leuko.
@@ -121,17 +122,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def load(url: str, images: list[tuple[str, bytes]], total: int, clients: int) -> tuple[list[float], int, float]:
-    """``(latencies_s, errors, wall_s)`` of ``total`` one-image requests from ``clients`` concurrent clients."""
+async def load(url: str, images: list[tuple[str, bytes]], total: int, clients: int, time_limit: float | None = None) -> tuple[list[float], int, float]:
+    """``(latencies_s, errors, wall_s)`` of up to ``total`` one-image requests from ``clients`` concurrent clients.
+
+    No new request starts after ``time_limit`` seconds (those in flight finish), so
+    a slow server on a busy machine cannot stretch the run without bound.
+    """
     import httpx
 
     latencies: list[float] = []
     errors = 0
     counter = iter(range(total))
+    start = time.perf_counter()
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal errors
         for i in counter:
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                return
             name, data = images[i % len(images)]
             t0 = time.perf_counter()
             try:
@@ -143,10 +151,9 @@ async def load(url: str, images: list[tuple[str, bytes]], total: int, clients: i
             errors += not ok
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
-        t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
-        return latencies, errors, time.perf_counter() - t0
+        return latencies, errors, time.perf_counter() - start
 
 
 class Server:
@@ -199,11 +206,12 @@ def measure(models: dict[str, Path], kinds: list[str], images: list[tuple[str, b
         per_round = max(1, args.requests // args.rounds)
         for r in range(args.rounds):
             for k in kinds:
-                lt, err, w = asyncio.run(load(servers[k].url, images, per_round, args.clients))
+                lt, err, w = asyncio.run(load(servers[k].url, images, per_round, args.clients, args.time_limit))
                 lat[k] += lt
                 errors[k] += err
                 wall[k] += w
-                print(f"  round {r + 1}/{args.rounds} {k:<8} {per_round / w:7.1f} images/s  (load average {load_average()})", flush=True)
+                print(f"  round {r + 1}/{args.rounds} {k:<8} {len(lt):5d} requests {len(lt) / w:7.1f} images/s  "
+                      f"(load average {load_average()})", flush=True)
         passes1 = {k: servers[k].passes() for k in kinds}
     finally:
         for s in servers.values():
@@ -211,7 +219,7 @@ def measure(models: dict[str, Path], kinds: list[str], images: list[tuple[str, b
     rows = []
     for k in kinds:
         ms = np.array(lat[k]) * 1000
-        n = per_round * args.rounds
+        n = len(lat[k])
         rows.append({
             "server": k,
             "requests": n,
@@ -240,6 +248,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=200, help="distinct PBC images cycled through")
     ap.add_argument("--servers", default="naive,pytorch,onnx", help="which servers, in order")
     ap.add_argument("--rounds", type=int, default=2, help="alternate the servers this many times (requests split evenly)")
+    ap.add_argument("--time-limit", type=float, default=120.0,
+                    help="seconds per server and round after which no new request starts (a slow server reports fewer)")
     ap.add_argument("--serve", choices=["naive", "pytorch", "onnx"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -268,12 +278,12 @@ def main() -> int:
         rows = measure(models, args.servers.split(","), images, args)
     base = next((r["images_s"] for r in rows if r["server"] == "naive"), None)
     print()
-    print(f"{'server':<40} {'images/s':>9} {'vs naive':>9} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7} {'passes/req':>11}")
-    print(f"{'-' * 40} {'-' * 9} {'-' * 9} {'-' * 8} {'-' * 8} {'-' * 7} {'-' * 11}")
+    print(f"{'server':<40} {'requests':>8} {'images/s':>9} {'vs naive':>9} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7} {'passes/req':>11}")
+    print(f"{'-' * 40} {'-' * 8} {'-' * 9} {'-' * 9} {'-' * 8} {'-' * 8} {'-' * 7} {'-' * 11}")
     for r in rows:
         ratio = f"{r['images_s'] / base:.1f}x" if base else "-"
         passes = f"{r['passes'] / r['requests']:.2f}" if r["passes"] is not None else "1.00"
-        print(f"{labels[r['server']]:<40} {r['images_s']:>9.1f} {ratio:>9} {r['p50']:>8.0f} {r['p95']:>8.0f} {r['errors']:>7} {passes:>11}")
+        print(f"{labels[r['server']]:<40} {r['requests']:>8} {r['images_s']:>9.1f} {ratio:>9} {r['p50']:>8.0f} {r['p95']:>8.0f} {r['errors']:>7} {passes:>11}")
     print(f"\nload average {load_average()} at the end (other work on the machine shares these cores)")
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
