@@ -85,7 +85,8 @@ def test_onnx_matches_pytorch(tiny_run: Path, tiny_onnx: Path, new_images: Path,
     "name, n_classes, pretrained, head, size",
     [
         ("custom_cnn", 2, "none", "bn-dense256", 48),
-        ("efficientnet_lite0", 8, "bundled", "linear", 64),
+        # efficientnet_lite0 with 8 classes runs by default in test_pbc_images_agree (real images)
+        pytest.param("efficientnet_lite0", 8, "bundled", "linear", 64, marks=pytest.mark.slow),
         pytest.param("mobilenetv2", 8, "none", "dense128", 64, marks=pytest.mark.slow),
         pytest.param("resnet50", 2, "none", "linear", 64, marks=pytest.mark.slow),
         pytest.param("efficientnet_lite0", 2, "bundled", "linear", 224, marks=pytest.mark.slow),

@@ -26,7 +26,6 @@ torch: this module must not either.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,8 +39,6 @@ from leuko.data.preprocess import Normalize, Preprocess, available_cpus, build_p
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.evaluate.calibration import softmax
-
-log = logging.getLogger("leuko.infer")
 
 ForwardFn = Callable[[np.ndarray], np.ndarray]
 """A backend's forward pass: ``float32 N x 3 x S x S`` (C-contiguous) -> ``N x C`` raw logits."""
