@@ -25,11 +25,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from leuko.errors import LeukoError
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written, so the ONNX path stays torch-free
+    import torch
 
 MODEL_FORMAT = 1
 
@@ -133,13 +134,15 @@ class RunFolder:
         return list(self.read_json("classes.json"))
 
 
-def save_model(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+def save_model(path: Path, model: "torch.nn.Module", meta: dict[str, Any]) -> Path:
     """Write ``model.pt``: state dict + the metadata inference needs (atomic)."""
     required = {"model", "classes", "input"}
     missing = required - set(meta)
     if missing:
         raise ValueError(f"model metadata lacks {sorted(missing)}")
     payload = {"format": MODEL_FORMAT, **meta, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    import torch
+
     tmp = path.with_suffix(".pt.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -150,6 +153,8 @@ def read_model_meta(path: Path) -> dict[str, Any]:
     """The metadata and state dict of a ``model.pt`` (CPU tensors)."""
     if not path.is_file():
         raise LeukoError(f"model file not found: {path} (did training finish?)")
+    import torch
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # corrupt or foreign file
@@ -159,7 +164,7 @@ def read_model_meta(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(path: str | Path) -> tuple["torch.nn.Module", dict[str, Any]]:
     """Rebuild the network of a run (``RUN_DIR`` or its ``model.pt``) in eval mode, with its metadata."""
     from leuko.models import build_model
 
