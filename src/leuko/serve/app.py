@@ -233,11 +233,14 @@ def _run_folder_of(path: Path) -> RunFolder | None:
 
 
 def _held_out(run: RunFolder | None) -> dict[str, dict[str, Any]] | None:
-    """Headline numbers of each evaluation in RUN/eval/*/metrics.json (where ``leuko evaluate`` writes)."""
+    """Headline numbers of each evaluation ``leuko evaluate`` wrote to its default folders (RUN/eval/*/metrics.json)."""
     if run is None:
         return None
+    from leuko.evaluate.run import default_eval_dir
+
+    evals = default_eval_dir(run.path, None, "test").parent  # RUN/eval: every default evaluation lives beside "test"
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted((run.path / "eval").glob("*/metrics.json")):
+    for path in sorted(evals.glob("*/metrics.json")):
         try:
             m = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
