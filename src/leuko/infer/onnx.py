@@ -283,6 +283,9 @@ class OnnxPredictor(BasePredictor):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3  # errors only: no "removing initializer" chatter
+        # Worker threads sleep between runs instead of spinning: on a small machine shared with the decoding
+        # threads (and, in `leuko serve`, the HTTP server) spinning steals the cores they need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own InvalidProtobuf, Fail, ...
