@@ -11,6 +11,9 @@ dependency of leuko.
 
     python benchmarks/bench_peer.py                              # trains both (~2 x 30 min on 2 cores)
     python benchmarks/bench_peer.py --leuko-run runs/pbc-best    # reuse a finished pbc-best run
+    # on a shared machine, YOLO can train at the same time as leuko (same contention), then the rows are joined:
+    python benchmarks/bench_peer.py --yolo-only --split-from RUN --budget-min 30 --yolo-json yolo.json
+    python benchmarks/bench_peer.py --leuko-run runs/pbc-best --yolo-json yolo.json
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ def main() -> int:
     ap.add_argument("--budget-min", type=float, default=None, help="YOLO's wall-time budget (default: leuko's training time)")
     ap.add_argument("--imgsz", type=int, default=None, help="YOLO input size (default: the recipe's image size)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--yolo-only", action="store_true", help="train and score YOLO only (needs --split-from)")
+    ap.add_argument("--split-from", type=Path, default=None, help="run folder whose split YOLO uses (default: leuko's run)")
+    ap.add_argument("--yolo-json", type=Path, default=None, help="--yolo-only writes its row here; otherwise reuse the row in it")
     args = ap.parse_args()
     if not args.data.is_dir():
         print(f"error: PBC images not found at {args.data} (pass --data)", file=sys.stderr)
@@ -110,11 +116,23 @@ def main() -> int:
     from leuko.train import load_config
 
     cfg = load_config(args.recipe)
-    tta = True
-    leuko = leuko_row(args.data, args.recipe, args.leuko_run, tta)
-    budget = args.budget_min * 60 if args.budget_min else leuko["train_s"]
-    print(f"YOLO11n-cls gets {budget / 60:.1f} min of training (leuko's), imgsz {args.imgsz or cfg.data.image_size}", flush=True)
-    yolo = yolo_row(leuko["run"], args.data, budget, args.imgsz or cfg.data.image_size, args.batch)
+    imgsz = args.imgsz or cfg.data.image_size
+    if args.yolo_only:
+        if args.split_from is None or args.budget_min is None or args.yolo_json is None:
+            print("error: --yolo-only needs --split-from, --budget-min and --yolo-json", file=sys.stderr)
+            return 2
+        yolo = yolo_row(args.split_from, args.data, args.budget_min * 60, imgsz, args.batch)
+        args.yolo_json.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in yolo.items()}))
+        print(f"{yolo['name']}: accuracy {yolo['accuracy']:.4f}, macro-F1 {yolo['macro_f1']:.4f}, {yolo['train_s'] / 60:.1f} min")
+        return 0
+    leuko = leuko_row(args.data, args.recipe, args.leuko_run, True)
+    if args.yolo_json is not None and args.yolo_json.is_file():
+        yolo = json.loads(args.yolo_json.read_text())
+        print(f"YOLO row from {args.yolo_json} (trained on the same split, {yolo['train_s'] / 60:.1f} min)")
+    else:
+        budget = args.budget_min * 60 if args.budget_min else leuko["train_s"]
+        print(f"YOLO11n-cls gets {budget / 60:.1f} min of training (leuko's), imgsz {imgsz}", flush=True)
+        yolo = yolo_row(args.split_from or leuko["run"], args.data, budget, imgsz, args.batch)
     print(f"\nsame split: {leuko['n_test']} held-out PBC images; machine load {os.getloadavg()[0]:.1f}")
     print(f"{'model':<40} {'accuracy':>9} {'macro-F1':>9} {'train min':>10}")
     for r in (leuko, yolo):

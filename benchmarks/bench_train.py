@@ -141,10 +141,19 @@ def accuracy_run(data: Path, recipe: Path, overrides: list[str], tta: bool = Fal
     from leuko.train import load_config, train
     from leuko.train.data import prepare_data
 
+    import resource
+
     out = Path(tempfile.mkdtemp(prefix="leuko-bench-")) / "run"
     t0 = time.perf_counter()
+    def cpu_now() -> float:
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    cpu0 = cpu_now()
     result = train(recipe, out, overrides=overrides, data_path=data, echo=lambda s: print("   ", s, flush=True))
     train_s = time.perf_counter() - t0
+    # CPU seconds of this process and its finished data-loader workers: on a shared machine wall time includes
+    # waiting for other jobs; CPU time / cores is about what the same run needs on idle cores.
+    cpu_s = cpu_now() - cpu0
     m = evaluate_run(out, echo=lambda s: None, figures=False, tta=tta)
     # the naive loop on the same training images: one epoch, timed, extrapolated to the run's epochs
     cfg = load_config(out / "config.yaml")
@@ -165,7 +174,7 @@ def accuracy_run(data: Path, recipe: Path, overrides: list[str], tta: bool = Fal
     import pandas as pd
 
     leuko_ips = float(pd.read_csv(out / "metrics.csv")["images_per_s"].median())
-    return {"leuko_ips": leuko_ips,"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": m["n"], "train_s": train_s, "naive_s": naive_s,
+    return {"leuko_ips": leuko_ips,"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": m["n"], "train_s": train_s, "cpu_s": cpu_s, "naive_s": naive_s,
             "naive_ips": naive_ips, "n_train": len(prepared.train), "epochs": result.epochs_run, "run": str(out)}
 
 
@@ -199,6 +208,8 @@ def main() -> int:
             f"  leuko: {r['n_train']} training images x {r['epochs']} epochs in {r['train_s'] / 60:.1f} min -> "
             f"held-out accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f} on {r['n_test']} images{' (TTA)' if args.tta else ''}"
         )
+        print(f"  training CPU time {r['cpu_s'] / 60:.1f} CPU-min = {r['cpu_s'] / 60 / (os.cpu_count() or 1):.1f} min on "
+              f"{os.cpu_count()} idle cores (wall {r['train_s'] / 60:.1f} min at load {os.getloadavg()[1]:.1f})")
         print(
             f"  training loop: leuko {r['leuko_ips']:.1f} img/s (median epoch) vs naive loop {r['naive_ips']:.1f} img/s on the "
             f"same images and model ({r['leuko_ips'] / r['naive_ips']:.1f}x); the naive loop would need "
