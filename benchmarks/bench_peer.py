@@ -77,12 +77,17 @@ def yolo_row(run: Path, data: Path, budget_s: float, imgsz: int, batch: int) -> 
 
     work = Path(tempfile.mkdtemp(prefix="leuko-yolo-"))
     test_paths, test_labels, classes = yolo_tree(run, data, work / "data")
+    import resource
+
+    def cpu_now() -> float:
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     model = YOLO("yolo11n-cls.yaml")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_now()
     model.train(data=str(work / "data"), epochs=100, time=budget_s / 3600.0, imgsz=imgsz, batch=batch, device="cpu",
                 workers=2, pretrained=False, amp=False, plots=False, project=str(work / "runs"), name="yolo11n-cls",
                 exist_ok=True, verbose=False, seed=0)
-    train_s = time.perf_counter() - t0
+    train_s, cpu_s = time.perf_counter() - t0, cpu_now() - cpu0
     best = YOLO(str(work / "runs" / "yolo11n-cls" / "weights" / "best.pt"))
     names = best.names  # index -> class folder name
     probs = []
@@ -95,7 +100,7 @@ def yolo_row(run: Path, data: Path, budget_s: float, imgsz: int, batch: int) -> 
     y = np.array([classes.index(lbl) for lbl in test_labels])
     m = compute_metrics(y, probs_arr, classes, n_bootstrap=0)
     return {"name": "Ultralytics YOLO11n-cls (from yaml)", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-            "n_test": len(y), "train_s": train_s, "run": work}
+            "n_test": len(y), "train_s": train_s, "cpu_s": cpu_s, "run": work}
 
 
 def main() -> int:
@@ -123,7 +128,8 @@ def main() -> int:
             return 2
         yolo = yolo_row(args.split_from, args.data, args.budget_min * 60, imgsz, args.batch)
         args.yolo_json.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in yolo.items()}))
-        print(f"{yolo['name']}: accuracy {yolo['accuracy']:.4f}, macro-F1 {yolo['macro_f1']:.4f}, {yolo['train_s'] / 60:.1f} min")
+        print(f"{yolo['name']}: accuracy {yolo['accuracy']:.4f}, macro-F1 {yolo['macro_f1']:.4f}, "
+              f"{yolo['train_s'] / 60:.1f} min wall, {yolo['cpu_s'] / 60:.1f} CPU-min (load {os.getloadavg()[1]:.1f})")
         return 0
     leuko = leuko_row(args.data, args.recipe, args.leuko_run, True)
     if args.yolo_json is not None and args.yolo_json.is_file():
