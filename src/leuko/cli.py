@@ -199,7 +199,7 @@ def data_crops(
     path: Path = typer.Argument(..., help="Dataset folder (or CSV manifest)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write crops, contact sheets, crops.csv and fallbacks.txt into (new or empty)."),
     layout: Optional[str] = LayoutOpt,
-    preprocess: str = typer.Option("cell-crop", "--preprocess", help="Preprocessing steps, comma-separated (e.g. cell-crop:0.55,reinhard)."),
+    preprocess: str = typer.Option("cell-crop", "--preprocess", help="Preprocessing steps, comma-separated (e.g. cell-crop:0.7,reinhard)."),
     image_size: int = typer.Option(128, "--image-size", help="Output side in pixels."),
     resize: str = typer.Option("stretch", "--resize", help="stretch, pad or crop (how a non-square source becomes square)."),
     run: Optional[Path] = typer.Option(None, "--run", help="Use this run's preprocessing, size and resize mode instead."),
