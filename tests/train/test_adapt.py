@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ TINY = [
     "model.name=custom_cnn",
     "model.pretrained=none",
     "data.image_size=32",
+    "data.preprocess=[cell-crop]",
     "data.num_workers=0",
     "data.split=holdout-60-20-20",
     "model.freeze=backbone",  # the frozen-feature path: a run folder in seconds, no Lightning
@@ -118,6 +120,8 @@ def test_adapt_moves_batchnorm_statistics_and_keeps_weights(lab: tuple[Path, Pat
     assert m["n"] == 48 and m["in_lab"] is None  # the adapted run was never evaluated on its own test split
     m_src = evaluate_run(run, data=new, layout="folder", figures=False, echo=lambda s: None)
     assert m_src["in_lab"]["accuracy"] == pytest.approx(inlab["accuracy"]) and m_src["in_lab"]["n"] == inlab["n"]
+    crop = m_src["data"]["cell_crop"]  # the run crops around cells: every image is accounted for
+    assert crop["found"] + len(crop["fell_back"]) == 48
 
 
 def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,9 +130,17 @@ def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, ca
     assert call(["adapt", str(run), "--data", str(new), "--out", str(out), "--batch-size", "12", "--layers", "all"]) == 0
     text = capsys.readouterr().out
     assert "BatchNorm layers re-estimated on 48 images" in text and (out / "model.pt").is_file()
-    assert call(["evaluate", str(run), "--data", str(new), "--out", str(tmp_path / "ev")]) == 0
+    # a lab with two blank frames among its cells: they are classified from the whole frame and named
+    lab2 = tmp_path / "lab2"
+    shutil.copytree(new, lab2)
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 228, np.uint8)).save(lab2 / "neutrophil" / f"blank{i}.png")
+    assert call(["evaluate", str(run), "--data", str(lab2), "--out", str(tmp_path / "ev")]) == 0
     text = capsys.readouterr().out
     assert "in-lab vs new lab" in text and "held-out test" in text
+    assert "cell-crop found no cell in" in text and "blank0.png" in text and "blank1.png" in text
+    fell = json.loads((tmp_path / "ev" / "metrics.json").read_text())["data"]["cell_crop"]["fell_back"]
+    assert {str(lab2 / "neutrophil" / f"blank{i}.png") for i in range(2)} <= set(fell)
     few = tmp_path / "few"
     for i in range(3):
         make_cell(few / f"{i}.png", size=(32, 32), seed=i)
