@@ -209,7 +209,7 @@ def clahe(image: np.ndarray, clip_limit: float = _DEFAULT_CLAHE_CLIP) -> np.ndar
 
 _CELL_WORK = 128
 """Side of the working copy the cell is searched in: enough to outline a nucleus in any
-framing, and it makes the search cost the same (~1 ms) for every source size."""
+framing, and it makes the search cost the same (a few ms) for every source size."""
 
 _CELL_DECODE_FACTOR = 2
 """``cell-crop`` decodes at this many times the input size, so that after cropping a
