@@ -73,7 +73,9 @@ def report(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(leuko.cli.console, "width", 400)
         buf = io.StringIO()
-        mp.setattr(leuko.cli.console, "file", buf)
+        # Patch the private slot: undoing a patch of the `file` property would pin the console to the stream
+        # that was current here (pytest's capture of this test) and later tests' capsys would see nothing.
+        mp.setattr(leuko.cli.console, "_file", buf)
         code = call(["report", str(run), "--out", str(html)])
     return {"code": code, "html": html, "stdout": buf.getvalue()}
 
