@@ -119,6 +119,23 @@ def test_two_framings_of_one_cell_give_the_same_crop() -> None:
     assert np.abs(a[inner, inner].astype(int) - b[inner, inner].astype(int)).mean() < 12
 
 
+def test_a_box_sample_is_cut_from_its_field_not_from_padding(tmp_path: Path) -> None:
+    """A tight annotation box (BCCD) is searched with CELL_CONTEXT of its field around it: the
+    crop's rim is the smear's red cells, as in a whole-frame sample, not flat fill."""
+    field = smear(480, 240.0, 240.0, 40.0, seed=2)
+    Image.fromarray(field).save(tmp_path / "field.png")
+    pre = build_preprocess(96, "cell-crop:0.7")
+    box = Sample(tmp_path / "field.png", "?", crop=(196, 196, 284, 284))  # the cell, margin 0.05
+    a = decode_sample(box, pre)
+    b = pre(field[120:360, 120:360])  # the same cell framed by its field
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 6
+    rim = np.concatenate([a[:4].reshape(-1, 3), a[-4:].reshape(-1, 3)]).astype(int)
+    assert np.abs(rim - np.array(RBC)).sum(axis=1).min() < 30  # a red cell reaches the rim
+    # a box at the field's edge: the part past the image is background-coloured, not black
+    edge = Sample(tmp_path / "field.png", "?", crop=(0, 0, 60, 60))
+    assert decode_sample(edge, pre).min(axis=(0, 1)).max() > 60
+
+
 def test_no_cell_falls_back_to_the_whole_frame_and_is_reported(tmp_path: Path) -> None:
     blank = np.full((300, 300, 3), 235, np.uint8)
     blank += np.random.default_rng(0).integers(0, 6, blank.shape, dtype=np.uint8)

@@ -144,12 +144,37 @@ def load_rgb(
             im = im.convert("RGB")
             if crop is not None:
                 box = tuple(int(round(v * scale)) for v in crop)
-                im = im.crop(box)  # type: ignore[arg-type]
+                im = _crop_filled(im, box)  # type: ignore[arg-type]
             if out_hw is not None:
                 im = _resize(im, out_hw, resize, pad_value)
             return np.asarray(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise LeukoError(f"cannot read image {path}: {exc}") from None
+
+
+def background_colour(image: np.ndarray) -> tuple[int, int, int]:
+    """The smear's background colour: the median of the brightest tenth of the pixels."""
+    flat = image.reshape(-1, 3)
+    grey = flat.astype(np.int32).sum(axis=1)
+    bright = flat[grey >= np.percentile(grey, 90)]
+    return tuple(int(v) for v in np.median(bright, axis=0))  # type: ignore[return-value]
+
+
+def _crop_filled(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """``im.crop(box)``, with any part of ``box`` outside the image filled with the smear's
+    :func:`background_colour` rather than PIL's black (a cell at the edge of a field keeps its
+    place in the crop, and no black border appears that no other image has)."""
+    left, top, right, bottom = box
+    w, h = im.size
+    if left >= 0 and top >= 0 and right <= w and bottom <= h:
+        return im.crop(box)
+    inner = (max(0, left), max(0, top), min(w, right), min(h, bottom))
+    if inner[2] <= inner[0] or inner[3] <= inner[1]:
+        raise ValueError(f"crop {box} lies outside the {w}x{h} image")
+    part = im.crop(inner)
+    canvas = Image.new("RGB", (right - left, bottom - top), background_colour(np.asarray(part)))
+    canvas.paste(part, (inner[0] - left, inner[1] - top))
+    return canvas
 
 
 def _resize(im: Image.Image, out_hw: tuple[int, int], mode: str, pad_value: int) -> Image.Image:
