@@ -26,6 +26,9 @@ from leuko.data.preprocess import (
     lab_stats,
     parse_preprocess,
     reinhard,
+    smear_norm,
+    smear_stats,
+    SMEAR_TARGETS,
 )
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
@@ -195,6 +198,36 @@ def test_reinhard_maps_lab_statistics_onto_the_target() -> None:
     assert np.array_equal(pre(src), reinhard(np.asarray(Image.fromarray(src).resize((64, 64), Image.BILINEAR)), "pbc"))
     flat = np.full((32, 32, 3), 200, np.uint8)
     assert np.isfinite(reinhard(flat).astype(float)).all()  # no division blow-up on a flat image
+
+
+def test_smear_norm_takes_its_map_from_the_smear_not_the_cell() -> None:
+    """Two different white cells on one slide get the same colour map (per-image Reinhard does not),
+    and another lab's smear (darker, bluer, lower contrast) is brought to the reference's smear."""
+    small = smear(200, 100, 100, 40, seed=5)  # a cell with pale cytoplasm around two lobes
+    big = small.copy()  # same slide, a cell that is almost all nucleus (a lymphocyte)
+    yy, xx = np.mgrid[0:200, 0:200]
+    big[(xx - 100) ** 2 + (yy - 100) ** 2 < 36**2] = NUCLEUS
+    pre = build_preprocess(96, "cell-crop:0.7,smear-norm")
+    assert pre.steps == ("cell-crop:0.7", "smear-norm:pbc")
+    crops = [build_preprocess(96, "cell-crop:0.7")(im) for im in (small, big)]
+    smear_means = [np.array(smear_stats(c, 0.7)[:3]) for c in crops]
+    assert np.abs(smear_means[0] - smear_means[1]).max() < 4  # the smear looks the same around both cells...
+    whole = [np.array(lab_stats(c)[:3]) for c in crops]
+    assert np.abs(whole[0] - whole[1]).max() > 6  # ...while the whole crops differ (cell content)
+    # the map is the same: the nucleus colour comes out the same around both cells
+    nuc = np.array(NUCLEUS, np.uint8).reshape(1, 1, 3)
+    maps = [smear_norm(np.concatenate([c, np.broadcast_to(nuc, (4, 96, 3))], 0), "pbc", None) for c in crops]
+    assert np.abs(maps[0][-1, 0].astype(int) - maps[1][-1, 0].astype(int)).max() <= 3
+    re = [reinhard(np.concatenate([c, np.broadcast_to(nuc, (4, 96, 3))], 0), "pbc") for c in crops]
+    assert np.abs(re[0][-1, 0].astype(int) - re[1][-1, 0].astype(int)).max() > 6  # per-image Reinhard does not
+    # another lab: the smear statistics land on the reference (L shifted and scaled, a and b shifted)
+    other = np.clip(crops[0].astype(np.float32) * [0.85, 0.9, 1.0] + [0, 5, 25], 0, 255).astype(np.uint8)
+    ref = np.array(SMEAR_TARGETS["pbc"])
+    out = np.array(smear_stats(smear_norm(other, "pbc", 0.7), 0.7))
+    assert np.abs(np.array(smear_stats(other, 0.7))[:3] - ref[:3]).max() > 5
+    assert np.abs(out[:3] - ref[:3]).max() < 3 and abs(out[3] / ref[3] - 1) < 0.1
+    # and the step is what the preprocessing applies after the crop
+    assert np.array_equal(pre(small), smear_norm(crops[0], "pbc", 0.7))
 
 
 # ----------------------------------------------------------------- real images

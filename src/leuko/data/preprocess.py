@@ -63,6 +63,17 @@ REINHARD_TARGETS: dict[str, tuple[float, float, float, float, float, float]] = {
 A name, not numbers, goes into a model's metadata, so these values must never change
 under an existing name: add a new name instead."""
 
+SMEAR_TARGETS: dict[str, tuple[float, float, float, float, float, float]] = {
+    # mean over 300 PBC images (CellaVision, May-Grünwald-Giemsa) after cell-crop:0.7 at 128 px
+    "pbc": (217.3, 135.7, 140.2, 19.8, 3.7, 4.4),
+}
+"""Reference CIELAB statistics of the smear around the cell for ``smear-norm`` (as
+:data:`REINHARD_TARGETS`, but of the pixels :func:`smear_stats` keeps). Never change a name's values."""
+
+_SMEAR_MAX_SCALE = 3.0
+"""``smear-norm`` never stretches a channel's spread more than this (a rim that is mostly
+flat fill, at the edge of a field, has almost no spread to match)."""
+
 PREPROCESS_STEPS: dict[str, str] = {
     "clahe": "contrast-limited adaptive histogram equalisation of lightness; "
     "'clahe' or 'clahe:<clip limit>' (default 2.0)",
@@ -74,6 +85,10 @@ PREPROCESS_STEPS: dict[str, str] = {
     "the whole frame is kept and the image is reported",
     "reinhard": "stain normalisation (Reinhard et al. 2001): shift and scale each image's CIELAB "
     f"mean and spread to a reference's; 'reinhard' or 'reinhard:<reference>' ({', '.join(REINHARD_TARGETS)})",
+    "smear-norm": "stain normalisation referenced to the smear, not the cell: Reinhard's CIELAB shift and scale, "
+    "with the statistics taken from the red cells and background around the white cell (outside the cell-crop "
+    "window's cell and any stained pixel), so a lymphocyte's large nucleus or an eosinophil's granules do not "
+    f"change how its image is normalised; 'smear-norm' or 'smear-norm:<reference>' ({', '.join(SMEAR_TARGETS)})",
 }
 """Deterministic preprocessing steps by name (``name`` or ``name:<value>``)."""
 
@@ -172,10 +187,17 @@ def parse_preprocess(steps: Sequence[str] | str | None) -> tuple[str, ...]:
                     f"preprocess step {spec!r}: unknown Reinhard reference {ref!r}; known: {', '.join(REINHARD_TARGETS)}"
                 )
             pixel.append(f"reinhard:{ref}")
+        elif name == "smear-norm":
+            ref = value or "pbc"
+            if ref not in SMEAR_TARGETS:
+                raise LeukoError(
+                    f"preprocess step {spec!r}: unknown smear-norm reference {ref!r}; known: {', '.join(SMEAR_TARGETS)}"
+                )
+            pixel.append(f"smear-norm:{ref}")
         else:
             raise LeukoError(
                 f"unknown preprocess step {raw!r}; allowed: {', '.join(PREPROCESS_STEPS)} "
-                "(e.g. clahe, clahe:3, center-crop:0.875, cell-crop:0.7, reinhard)"
+                "(e.g. clahe, clahe:3, center-crop:0.875, cell-crop:0.7, reinhard, smear-norm)"
             )
     if len(crops) > 1:
         raise LeukoError(f"at most one geometric step (center-crop or cell-crop) is allowed; got {', '.join(crops)}")
@@ -432,11 +454,72 @@ def reinhard(image: np.ndarray, target: Sequence[float] | str = "pbc") -> np.nda
     ref = REINHARD_TARGETS[target] if isinstance(target, str) else tuple(float(v) for v in target)
     lab = cv2.cvtColor(np.ascontiguousarray(_as_rgb_uint8(image)), cv2.COLOR_RGB2LAB).astype(np.float32)
     flat = lab.reshape(-1, 3)
-    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    return _lab_transfer(lab, flat.mean(axis=0), flat.std(axis=0), ref)
+
+
+def _lab_transfer(lab: np.ndarray, mean: np.ndarray, std: np.ndarray, ref: Sequence[float], max_scale: float = np.inf) -> np.ndarray:
+    """Map CIELAB ``lab`` (float) so that statistics ``mean``/``std`` become ``ref``'s; RGB ``uint8`` out."""
     # a flat channel (a blank frame) must not be blown up into noise
-    scale = np.asarray(ref[3:], np.float32) / np.maximum(std, 1.0)
+    scale = np.minimum(np.asarray(ref[3:], np.float32) / np.maximum(std, 1.0), max_scale)
     lab = (lab - mean) * scale + np.asarray(ref[:3], np.float32)
     return cv2.cvtColor(np.clip(np.rint(lab), 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def smear_mask(image: np.ndarray, cell_share: float | None = None) -> np.ndarray:
+    """Boolean mask of the *smear* pixels of ``image``: not the white cell, not any stained nucleus.
+
+    After ``cell-crop`` the cell fills the central ``cell_share`` square, which is left out;
+    anywhere, pixels whose blue-minus-green is a nucleus's (:data:`_NUCLEUS_MIN_SCORE`) are left
+    out too (a neighbour's nucleus, a platelet; measured above the image's median, so a lab
+    whose whole smear is bluish keeps its background). What remains is red cells and background, whose
+    colour depends on the lab (stain, camera) and not on which white cell is in the middle.
+    When less than a tenth of the image remains, the whole image is used.
+    """
+    image = _as_rgb_uint8(image)
+    h, w = image.shape[:2]
+    f = image.astype(np.int16)
+    score = f[..., 2] - f[..., 1]
+    mask = score - np.median(score) < _NUCLEUS_MIN_SCORE  # relative: a bluish lab's background stays in
+    if cell_share is not None:
+        m0, m1 = int(round(h * (1 - cell_share) / 2)), int(round(w * (1 - cell_share) / 2))
+        mask[m0 : h - m0, m1 : w - m1] = False
+    if mask.sum() < 0.1 * h * w:
+        return np.ones((h, w), bool)
+    return mask
+
+
+def smear_stats(image: np.ndarray, cell_share: float | None = None) -> tuple[float, float, float, float, float, float]:
+    """:func:`lab_stats` of the :func:`smear_mask` pixels (what ``smear-norm`` matches)."""
+    lab = cv2.cvtColor(np.ascontiguousarray(_as_rgb_uint8(image)), cv2.COLOR_RGB2LAB).astype(np.float64)
+    px = lab[smear_mask(image, cell_share)]
+    m, s = px.mean(axis=0), px.std(axis=0)
+    return (float(m[0]), float(m[1]), float(m[2]), float(s[0]), float(s[1]), float(s[2]))
+
+
+def smear_norm(image: np.ndarray, target: Sequence[float] | str = "pbc", cell_share: float | None = None) -> np.ndarray:
+    """Reinhard colour transfer with statistics from the smear around the cell (:func:`smear_mask`).
+
+    Per-image :func:`reinhard` matches the statistics of the whole crop, so its
+    map depends on the cell: a lymphocyte (mostly dark nucleus) and a
+    neutrophil from the same slide are shifted differently, and an
+    eosinophil's red granules pull its colours toward the average. The red
+    cells and background around a white cell are the same whatever the cell
+    is, and differ between labs in exactly the stain uptake and white balance
+    to be undone; this estimates the map from them and applies it to the
+    whole image. Lightness is shifted and scaled (contrast, capped at
+    :data:`_SMEAR_MAX_SCALE`); the colour channels a and b are only shifted
+    (white balance and overall stain tint): their spread over red cells and
+    background is a few units, and scaling by it would exaggerate the
+    nucleus's colour, which lies far outside that range (BCCD's lavender
+    nuclei turned bright blue).
+    """
+    image = _as_rgb_uint8(image)
+    ref = SMEAR_TARGETS[target] if isinstance(target, str) else tuple(float(v) for v in target)
+    lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2LAB).astype(np.float32)
+    px = lab[smear_mask(image, cell_share)]
+    std = px.std(axis=0)
+    std[1:] = ref[4:]  # a, b: shift only (see above)
+    return _lab_transfer(lab, px.mean(axis=0), std, ref, _SMEAR_MAX_SCALE)
 
 
 @dataclass(frozen=True)
@@ -545,6 +628,8 @@ class Preprocess:
                 image = clahe(image, float(value))
             elif name == "reinhard":
                 image = reinhard(image, value)
+            elif name == "smear-norm":
+                image = smear_norm(image, value, self._cell_share if cell is not None else None)
         return Preprocessed(np.ascontiguousarray(image), cell, fell_back)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -673,6 +758,7 @@ __all__ = [
     "DEFAULT_CELL_SHARE",
     "PREPROCESS_STEPS",
     "REINHARD_TARGETS",
+    "SMEAR_TARGETS",
     "CellBox",
     "Normalize",
     "Preprocess",
@@ -689,5 +775,8 @@ __all__ = [
     "lab_stats",
     "parse_preprocess",
     "reinhard",
+    "smear_mask",
+    "smear_norm",
+    "smear_stats",
     "step_versions",
 ]
