@@ -93,15 +93,26 @@ class StainJitter(A.ImageOnlyTransform):
     Args:
         alpha: OD scale is drawn from ``[1 - alpha, 1 + alpha]`` per channel.
         beta: OD shift is drawn from ``[-beta, beta]`` per channel.
+        density: range of one OD factor shared by the three channels: how much
+            stain the whole smear took up (``(0.55, 1.15)``: down to roughly
+            half as dark, as BCCD's pale lavender nuclei are next to PBC's).
+            ``(1, 1)``: channel-wise jitter only.
     """
 
-    def __init__(self, alpha: float = 0.05, beta: float = 0.05, p: float = 0.5) -> None:
+    def __init__(
+        self, alpha: float = 0.05, beta: float = 0.05, p: float = 0.5, density: tuple[float, float] = (1.0, 1.0)
+    ) -> None:
         super().__init__(p=p)
         self.alpha = float(alpha)
         self.beta = float(beta)
+        lo, hi = (float(v) for v in density)
+        if not 0.0 < lo <= hi:
+            raise LeukoError(f"StainJitter density must be a range (low, high) with 0 < low <= high; got {density!r}")
+        self.density = (lo, hi)
 
     def get_params(self) -> dict[str, Any]:
         a = self.random_generator.uniform(1 - self.alpha, 1 + self.alpha, size=3)
+        a = a * self.random_generator.uniform(*self.density)
         b = self.random_generator.uniform(-self.beta, self.beta, size=3)
         od = -np.log((np.arange(256, dtype=np.float64)[:, None] + 1.0) / 256.0)
         out = 256.0 * np.exp(-(od * a + b)) - 1.0
@@ -114,7 +125,7 @@ class StainJitter(A.ImageOnlyTransform):
         return cv2.LUT(np.ascontiguousarray(img), lut)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("alpha", "beta")
+        return ("alpha", "beta", "density")
 
 
 _BORDER = cv2.BORDER_REFLECT_101
@@ -165,9 +176,13 @@ def _stain_transforms() -> list[A.BasicTransform]:
     and optics (BCCD's fields are softer and lower in contrast than PBC's:
     blur, resampling, contrast *reduction* weighted more than increase), in
     JPEG compression, and in how tightly a cell fills the crop even after
-    ``cell-crop`` (scale 0.85-1.2). Hue moves less than saturation: the
-    colour of granules is what tells an eosinophil from a neutrophil, and
-    grey-scale conversion is left out for the same reason.
+    ``cell-crop`` (scale 0.85-1.2). Stain density moves down to about half
+    (BCCD's nuclei are pale lavender where PBC's are near black, and a
+    PBC-trained model without this calls BCCD's neutrophils monocytes, whose
+    nuclei are paler in PBC); hue moves up to +-30 degrees (BCCD's eosinophil
+    granules are pink, PBC's orange); one image in ten is grey, so that the
+    shape of the nucleus and the texture of the granules carry the decision
+    when the colours are another lab's.
     """
     return [
         A.SquareSymmetry(p=1.0),
@@ -178,8 +193,9 @@ def _stain_transforms() -> list[A.BasicTransform]:
             border_mode=_BORDER,
             p=0.8,
         ),
-        StainJitter(alpha=0.2, beta=0.1, p=0.8),
-        A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=30, val_shift_limit=10, p=0.7),
+        StainJitter(alpha=0.2, beta=0.1, density=(0.55, 1.15), p=0.9),
+        A.HueSaturationValue(hue_shift_limit=15, sat_shift_limit=35, val_shift_limit=10, p=0.7),
+        A.ToGray(p=0.1),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=(-0.45, 0.2), p=0.8),
         A.RandomGamma(gamma_limit=(75, 133), p=0.3),
         A.OneOf(
