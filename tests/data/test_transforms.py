@@ -212,6 +212,13 @@ def test_stain_jitter() -> None:
     assert out.shape == img.shape and out.dtype == np.uint8
     assert not np.array_equal(out, img)
     assert np.abs(out.astype(int) - img.astype(int)).mean() < 40  # a nudge, not a repaint
+    # density: one optical-density factor for all channels; half the stain = a paler image, same hue order
+    pale = A.Compose([StainJitter(alpha=0.0, beta=0.0, density=(0.5, 0.5), p=1.0)], seed=0)(image=img)["image"]
+    od = lambda x: -np.log((x.astype(float) + 1) / 256)  # noqa: E731
+    dark = od(img) > 0.3
+    assert np.allclose(od(pale)[dark], 0.5 * od(img)[dark], atol=0.02)
+    with pytest.raises(LeukoError, match="density"):
+        StainJitter(density=(1.2, 0.8))
 
 
 def test_transform_pickles() -> None:
