@@ -431,6 +431,14 @@ def evaluate_cmd(
         f"accuracy {fmt(m['accuracy'])} (95% CI {fmt(acc_ci[0])}-{fmt(acc_ci[1])}), macro-F1 {fmt(m['macro_f1'])} "
         f"(95% CI {fmt(f1_ci[0])}-{fmt(f1_ci[1])}), balanced acc {fmt(m['balanced_accuracy'])}, ECE {fmt(m.get('ece'))}"
     )
+    rv = m.get("review") or {}
+    if rv:
+        acc_ok = rv.get("accepted_accuracy")
+        console.print(
+            f"review: {rv['flagged']:.1%} flagged ({rv['unlike_training']:.1%} unlike the training data); "
+            + ("none accepted" if acc_ok is None else f"the accepted {1 - rv['flagged']:.1%} are {acc_ok:.2%} correct"),
+            highlight=False,
+        )
     for note in m["class_map"]["notes"]:
         console.print(f"[dim]class map: {note}[/]")
     for path, reason in m["data"]["failed"]:
@@ -466,6 +474,14 @@ def _print_side_by_side(run_dir: Path, m: dict) -> None:
     table.add_column("change", justify="right")
     for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced acc")):
         a, b = inlab.get(key), m.get(key)
+        delta = "" if a is None or b is None else f"{b - a:+.4f}"
+        table.add_row(label, fmt(a), fmt(b), delta)
+    ra, rb = inlab.get("review") or {}, m.get("review") or {}
+    for key, label in (("flagged", "flagged for review"), ("unlike_training", "unlike the training data"),
+                       ("accepted_accuracy", "accuracy of the accepted")):
+        a, b = ra.get(key), rb.get(key)
+        if a is None and b is None:
+            continue
         delta = "" if a is None or b is None else f"{b - a:+.4f}"
         table.add_row(label, fmt(a), fmt(b), delta)
     console.print(table)

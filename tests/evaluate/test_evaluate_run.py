@@ -69,6 +69,20 @@ def test_evaluate_files_agree(tiny_run: Path, tmp_path: Path) -> None:
     assert "| epoch |" in (out / "epochs.md").read_text()
     report = (out / "report.txt").read_text()
     assert "macro avg" in report and "weighted avg" in report and all(c in report for c in CLASSES)
+    # the review policy's view of these images: the flagged share is the share below the threshold
+    # (energy aside), and the accepted accuracy is recomputed from predictions.csv
+    rv = saved["review"]
+    from leuko.infer.backends import load_predictor
+    from leuko.infer.review import ReviewPolicy
+
+    policy = ReviewPolicy.from_meta(load_predictor(tiny_run).meta)
+    assert rv["policy"] == policy.describe()
+    low = frame["confidence"] < policy.threshold
+    assert rv["low_confidence"] == pytest.approx(low.mean(), abs=1e-9)
+    assert max(rv["low_confidence"], rv["unlike_training"]) <= rv["flagged"] <= rv["low_confidence"] + rv["unlike_training"] + 1e-9
+    if rv["unlike_training"] == 0.0 and (~low).any():  # then accepted = confident, checkable from the CSV
+        correct = frame["true"] == frame["pred"]
+        assert rv["flagged"] == pytest.approx(low.mean()) and rv["accepted_accuracy"] == pytest.approx(correct[~low].mean())
 
 
 def test_class_map_merges_and_excludes_on_another_label_set(tiny_run: Path, tmp_path: Path) -> None:

@@ -183,6 +183,7 @@ def evaluate_run(
     y = np.array([c2i[s.label] for s in kept], dtype=int)
     metrics = compute_metrics(y, probs, target_classes)
     metrics["data"] = {"source": source, "split": split, "n_images": len(kept), "failed": pred.failed}
+    metrics["review"] = review_summary(predictor.meta, pred.logits, probs_model, predictor.temperature, y == probs.argmax(1))
     if predictor.model_input.preprocess.cell_share is not None:
         metrics["data"]["cell_crop"] = _cell_crop_check(kept, predictor.model_input.preprocess, echo)
     if not own_data:
@@ -207,7 +208,36 @@ def evaluate_run(
     return metrics
 
 
-IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy")
+def review_summary(
+    meta: dict[str, Any], logits: np.ndarray, probs: np.ndarray, temperature: float, correct: np.ndarray
+) -> dict[str, Any]:
+    """How the model's review policy (:mod:`leuko.infer.review`) treats these images.
+
+    The drift signal a lab can read before trusting counts: on the source
+    lab's held-out split about 2% are flagged; on another lab's images the
+    share flagged (and the share *unlike the training data*) rises with the
+    shift, and the accuracy of the accepted images says what an accepted
+    call is worth there.
+    """
+    from leuko.infer.review import ReviewPolicy
+
+    policy = ReviewPolicy.from_meta(meta)
+    reasons = policy.reasons(logits, probs, temperature)
+    n = len(reasons)
+    flagged = np.array([bool(r) for r in reasons], dtype=bool)
+    unlike = np.array([any(w.startswith("unlike") for w in r) for r in reasons], dtype=bool)
+    low = np.array([any(w.startswith("low confidence") for w in r) for r in reasons], dtype=bool)
+    accepted = ~flagged
+    return {
+        "policy": policy.describe(),
+        "flagged": float(flagged.mean()) if n else 0.0,
+        "low_confidence": float(low.mean()) if n else 0.0,
+        "unlike_training": float(unlike.mean()) if n else 0.0,
+        "accepted_accuracy": float(np.asarray(correct)[accepted].mean()) if accepted.any() else None,
+    }
+
+
+IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy", "review")
 """Headline numbers copied from the run's own held-out evaluation for the side-by-side view."""
 
 
