@@ -76,7 +76,8 @@ def test_steps_parse_validate_and_change_the_decode() -> None:
         ("cell-crop:1.5", "cell share must be in"),
         ("cell-crop:x", "is not a number"),
         ("center-crop:0.8,cell-crop", "at most one geometric step"),
-        ("reinhard:mars", "unknown Reinhard reference"),
+        ("reinhard:mars", "unknown reinhard reference"),
+        ("smear-norm:mars", "unknown smear-norm reference"),
     ):
         with pytest.raises(LeukoError, match=msg):
             parse_preprocess(bad)

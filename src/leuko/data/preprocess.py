@@ -180,20 +180,12 @@ def parse_preprocess(steps: Sequence[str] | str | None) -> tuple[str, ...]:
             if not 0.2 <= share <= 0.95:
                 raise LeukoError(f"preprocess step {spec!r}: cell share must be in [0.2, 0.95] (e.g. cell-crop:0.7)")
             crops.append(f"cell-crop:{share:g}")
-        elif name == "reinhard":
+        elif name in ("reinhard", "smear-norm"):
             ref = value or "pbc"
-            if ref not in REINHARD_TARGETS:
-                raise LeukoError(
-                    f"preprocess step {spec!r}: unknown Reinhard reference {ref!r}; known: {', '.join(REINHARD_TARGETS)}"
-                )
-            pixel.append(f"reinhard:{ref}")
-        elif name == "smear-norm":
-            ref = value or "pbc"
-            if ref not in SMEAR_TARGETS:
-                raise LeukoError(
-                    f"preprocess step {spec!r}: unknown smear-norm reference {ref!r}; known: {', '.join(SMEAR_TARGETS)}"
-                )
-            pixel.append(f"smear-norm:{ref}")
+            known = REINHARD_TARGETS if name == "reinhard" else SMEAR_TARGETS
+            if ref not in known:
+                raise LeukoError(f"preprocess step {spec!r}: unknown {name} reference {ref!r}; known: {', '.join(known)}")
+            pixel.append(f"{name}:{ref}")
         else:
             raise LeukoError(
                 f"unknown preprocess step {raw!r}; allowed: {', '.join(PREPROCESS_STEPS)} "
