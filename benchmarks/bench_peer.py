@@ -40,16 +40,24 @@ def leuko_row(data: Path, recipe: Path, run: Path | None, tta: bool) -> dict:
     from leuko.runs import RunFolder
     from leuko.train import train
 
+    cpu_s = None
     if run is None:
         run = Path(tempfile.mkdtemp(prefix="leuko-peer-")) / "pbc-best"
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_now()
         train(recipe, run, data_path=data, echo=lambda s: print("   ", s, flush=True))
-        train_s = time.perf_counter() - t0
+        train_s, cpu_s = time.perf_counter() - t0, cpu_now() - cpu0
     else:
         train_s = float(RunFolder.open(run).read_json("summary.json")["wall_time_s"])
     m = evaluate_run(run, data=data, echo=lambda s: None, figures=False, tta=tta, out=run / "eval" / "peer")
     return {"name": f"leuko {recipe.stem}", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": m["n"],
-            "train_s": train_s, "run": run}
+            "train_s": train_s, "cpu_s": cpu_s, "run": run}
+
+
+def cpu_now() -> float:
+    """CPU seconds used so far by this process and its finished children (DataLoader workers)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def yolo_tree(run: Path, data: Path, dest: Path) -> tuple[list[Path], list[str], list[str]]:
@@ -77,11 +85,6 @@ def yolo_row(run: Path, data: Path, budget_s: float, imgsz: int, batch: int) -> 
 
     work = Path(tempfile.mkdtemp(prefix="leuko-yolo-"))
     test_paths, test_labels, classes = yolo_tree(run, data, work / "data")
-    import resource
-
-    def cpu_now() -> float:
-        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
-
     model = YOLO("yolo11n-cls.yaml")
     t0, cpu0 = time.perf_counter(), cpu_now()
     model.train(data=str(work / "data"), epochs=100, time=budget_s / 3600.0, imgsz=imgsz, batch=batch, device="cpu",
@@ -140,9 +143,10 @@ def main() -> int:
         print(f"YOLO11n-cls gets {budget / 60:.1f} min of training (leuko's), imgsz {imgsz}", flush=True)
         yolo = yolo_row(args.split_from or leuko["run"], args.data, budget, imgsz, args.batch)
     print(f"\nsame split: {leuko['n_test']} held-out PBC images; machine load {os.getloadavg()[0]:.1f}")
-    print(f"{'model':<40} {'accuracy':>9} {'macro-F1':>9} {'train min':>10}")
+    print(f"{'model':<40} {'accuracy':>9} {'macro-F1':>9} {'train min':>10} {'CPU min':>8}")
     for r in (leuko, yolo):
-        print(f"{r['name']:<40} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['train_s'] / 60:>10.1f}")
+        cpu = "n/a" if r.get("cpu_s") is None else f"{r['cpu_s'] / 60:.1f}"
+        print(f"{r['name']:<40} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['train_s'] / 60:>10.1f} {cpu:>8}")
     (Path(leuko["run"]) / "peer.json").write_text(json.dumps(
         [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in (leuko, yolo)], indent=1))
     return 0
