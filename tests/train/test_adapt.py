@@ -161,6 +161,21 @@ def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, ca
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
 
+def test_adapting_every_layer_of_a_frozen_statistics_model_warns(lab: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A freeze: bn model learnt everything with ImageNet's statistics: --layers all is allowed but said to be risky."""
+    run, _, new = lab
+    bn_run = tmp_path / "bn-run"
+    shutil.copytree(run, bn_run)
+    cfg = bn_run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("freeze: backbone", "freeze: bn"))
+    lines: list[str] = []
+    adapt_run(bn_run, new, tmp_path / "ad", layers="all", batch_size=12, echo=lines.append)
+    assert any(line.startswith("warning:") and "freeze=bn" in line for line in lines), lines
+    lines.clear()
+    adapt_run(run, new, tmp_path / "ad2", layers="all", batch_size=12, echo=lines.append)
+    assert not any(line.startswith("warning:") for line in lines)
+
+
 def test_only_trained_batchnorm_layers_are_adapted_by_default() -> None:
     from leuko.models import build_model
 

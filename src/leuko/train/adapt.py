@@ -229,10 +229,10 @@ def adapt_run(
     model, meta = load_model(run.path)
     if not batchnorm_layers(model):
         raise LeukoError(f"the model of {run.path} ({meta['model'].get('name')}) has no BatchNorm layer: AdaBN has nothing to adapt")
-    if layers == "trained":
-        from leuko.train.config import load_config
+    from leuko.train.config import load_config
 
-        freeze_mode = load_config(run.config).model.freeze
+    freeze_mode = load_config(run.config).model.freeze
+    if layers == "trained":
         chosen_layers = trained_batchnorm(model, freeze_mode)
         if not chosen_layers:
             raise LeukoError(
@@ -241,6 +241,12 @@ def adapt_run(
             )
     else:
         chosen_layers = [n for n, _ in batchnorm_layers(model)]
+        if freeze_mode == "bn":
+            echo(
+                "warning: this model was trained with model.freeze=bn, every layer learnt with ImageNet's BatchNorm "
+                "statistics; re-estimating them on the new lab undid its robustness on BCCD (docs/robustness.md). "
+                "Check the adapted run on a labelled sample before using it."
+            )
     n_layers = len(chosen_layers)
     model_input = ModelInput.from_meta(meta["input"])
     load = sample_loader(samples, model_input)
