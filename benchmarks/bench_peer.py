@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from bench_train import cpu_now  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "pbc"
@@ -51,13 +52,6 @@ def leuko_row(data: Path, recipe: Path, run: Path | None, tta: bool) -> dict:
     m = evaluate_run(run, data=data, echo=lambda s: None, figures=False, tta=tta, out=run / "eval" / "peer")
     return {"name": f"leuko {recipe.stem}", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": m["n"],
             "train_s": train_s, "cpu_s": cpu_s, "run": run}
-
-
-def cpu_now() -> float:
-    """CPU seconds used so far by this process and its finished children (DataLoader workers)."""
-    import resource
-
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def yolo_tree(run: Path, data: Path, dest: Path) -> tuple[list[Path], list[str], list[str]]:

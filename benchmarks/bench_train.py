@@ -135,20 +135,21 @@ def throughput(data: Path, n_batches: int, batch: int, freeze_mode: str) -> list
     return rows
 
 
+def cpu_now() -> float:
+    """CPU seconds used so far by this process and its finished children (DataLoader workers)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def accuracy_run(data: Path, recipe: Path, overrides: list[str], tta: bool = False) -> dict:
     from leuko.evaluate.run import evaluate_run
     from leuko.models import build_model
     from leuko.train import load_config, train
     from leuko.train.data import prepare_data
 
-    import resource
-
     out = Path(tempfile.mkdtemp(prefix="leuko-bench-")) / "run"
-    t0 = time.perf_counter()
-    def cpu_now() -> float:
-        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-    cpu0 = cpu_now()
+    t0, cpu0 = time.perf_counter(), cpu_now()
     result = train(recipe, out, overrides=overrides, data_path=data, echo=lambda s: print("   ", s, flush=True))
     train_s = time.perf_counter() - t0
     # CPU seconds of this process and its finished data-loader workers: on a shared machine wall time includes

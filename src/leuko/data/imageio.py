@@ -160,21 +160,37 @@ def background_colour(image: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.median(bright, axis=0))  # type: ignore[return-value]
 
 
-def _crop_filled(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-    """``im.crop(box)``, with any part of ``box`` outside the image filled with the smear's
-    :func:`background_colour` rather than PIL's black (a cell at the edge of a field keeps its
-    place in the crop, and no black border appears that no other image has)."""
+def filled_window(
+    image: np.ndarray, box: tuple[int, int, int, int], fill_from: np.ndarray | None = None
+) -> np.ndarray:
+    """The ``box`` (left, top, right, bottom) of an ``H x W x 3`` array; any part of it outside the
+    image is filled with the :func:`background_colour` of ``fill_from`` (default: the part inside).
+
+    Reflection would mirror the cell itself into the border, a second half-cell that no
+    training image has, and black is a border no other image has; plain background is what
+    usually surrounds a white cell anyway. Used by the decoder (a box sample grown past the
+    edge of its field) and by ``cell-crop`` (a window reaching past a tight crop).
+    """
     left, top, right, bottom = box
-    w, h = im.size
+    h, w = image.shape[:2]
     if left >= 0 and top >= 0 and right <= w and bottom <= h:
-        return im.crop(box)
-    inner = (max(0, left), max(0, top), min(w, right), min(h, bottom))
-    if inner[2] <= inner[0] or inner[3] <= inner[1]:
+        return image[top:bottom, left:right]
+    il, it, ir, ib = max(0, left), max(0, top), min(w, right), min(h, bottom)
+    if ir <= il or ib <= it:
         raise ValueError(f"crop {box} lies outside the {w}x{h} image")
-    part = im.crop(inner)
-    canvas = Image.new("RGB", (right - left, bottom - top), background_colour(np.asarray(part)))
-    canvas.paste(part, (inner[0] - left, inner[1] - top))
+    part = image[it:ib, il:ir]
+    canvas = np.empty((bottom - top, right - left, image.shape[2]), image.dtype)
+    canvas[...] = background_colour(part if fill_from is None else fill_from)
+    canvas[it - top : ib - top, il - left : ir - left] = part
     return canvas
+
+
+def _crop_filled(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """``im.crop(box)``, with the part of ``box`` outside the image filled as :func:`filled_window` does."""
+    w, h = im.size
+    if box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h:
+        return im.crop(box)
+    return Image.fromarray(filled_window(np.asarray(im), box))
 
 
 def _resize(im: Image.Image, out_hw: tuple[int, int], mode: str, pad_value: int) -> Image.Image:

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from leuko.data.imageio import RESIZE_MODES, ResizeMode, _resize, background_colour, load_rgb
+from leuko.data.imageio import RESIZE_MODES, ResizeMode, _resize, filled_window, load_rgb
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 
@@ -407,16 +407,10 @@ def crop_window(image: np.ndarray, left: int, top: int, side: int, out: int) -> 
     """The ``side`` square at ``(left, top)`` of ``image``, resized to ``out`` x ``out``.
 
     Parts outside the image (a tight crop from another lab) are filled with
-    the smear's :func:`background_colour`: reflection would mirror the cell
-    itself into the border, a second half-cell that no training image has;
-    plain background is what usually surrounds a white cell anyway.
+    the smear's :func:`~leuko.data.imageio.background_colour` of the whole image
+    (:func:`~leuko.data.imageio.filled_window`).
     """
-    h, w = image.shape[:2]
-    pad = max(0, -left, -top, left + side - w, top + side - h)
-    if pad:
-        image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=background_colour(image))
-        left, top = left + pad, top + pad
-    window = image[top : top + side, left : left + side]
+    window = filled_window(image, (left, top, left + side, top + side), fill_from=image)
     interp = cv2.INTER_AREA if side > out else cv2.INTER_LINEAR
     return np.ascontiguousarray(cv2.resize(window, (out, out), interpolation=interp))
 
@@ -426,10 +420,11 @@ def crop_window(image: np.ndarray, left: int, top: int, side: int, out: int) -> 
 # --------------------------------------------------------------------------- #
 
 
-def lab_stats(image: np.ndarray) -> tuple[float, float, float, float, float, float]:
-    """Mean and standard deviation of L, a, b (OpenCV 8-bit CIELAB) over all pixels."""
-    lab = cv2.cvtColor(np.ascontiguousarray(_as_rgb_uint8(image)), cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
-    m, s = lab.mean(axis=0), lab.std(axis=0)
+def lab_stats(image: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float, float, float, float, float]:
+    """Mean and standard deviation of L, a, b (OpenCV 8-bit CIELAB) over all pixels, or those where ``mask`` is true."""
+    lab = cv2.cvtColor(np.ascontiguousarray(_as_rgb_uint8(image)), cv2.COLOR_RGB2LAB).astype(np.float64)
+    px = lab.reshape(-1, 3) if mask is None else lab[mask]
+    m, s = px.mean(axis=0), px.std(axis=0)
     return (float(m[0]), float(m[1]), float(m[2]), float(s[0]), float(s[1]), float(s[2]))
 
 
@@ -482,10 +477,7 @@ def smear_mask(image: np.ndarray, cell_share: float | None = None) -> np.ndarray
 
 def smear_stats(image: np.ndarray, cell_share: float | None = None) -> tuple[float, float, float, float, float, float]:
     """:func:`lab_stats` of the :func:`smear_mask` pixels (what ``smear-norm`` matches)."""
-    lab = cv2.cvtColor(np.ascontiguousarray(_as_rgb_uint8(image)), cv2.COLOR_RGB2LAB).astype(np.float64)
-    px = lab[smear_mask(image, cell_share)]
-    m, s = px.mean(axis=0), px.std(axis=0)
-    return (float(m[0]), float(m[1]), float(m[2]), float(s[0]), float(s[1]), float(s[2]))
+    return lab_stats(image, smear_mask(image, cell_share))
 
 
 def smear_norm(image: np.ndarray, target: Sequence[float] | str = "pbc", cell_share: float | None = None) -> np.ndarray:

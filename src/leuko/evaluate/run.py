@@ -222,11 +222,9 @@ def review_summary(
     from leuko.infer.review import ReviewPolicy
 
     policy = ReviewPolicy.from_meta(meta)
-    reasons = policy.reasons(logits, probs, temperature)
-    n = len(reasons)
-    flagged = np.array([bool(r) for r in reasons], dtype=bool)
-    unlike = np.array([any(w.startswith("unlike") for w in r) for r in reasons], dtype=bool)
-    low = np.array([any(w.startswith("low confidence") for w in r) for r in reasons], dtype=bool)
+    low, unlike = policy.checks(logits, probs, temperature)
+    n = len(low)
+    flagged = low | unlike
     accepted = ~flagged
     return {
         "policy": policy.describe(),

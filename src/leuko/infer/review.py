@@ -75,26 +75,37 @@ class ReviewPolicy:
             text += f" ({self.accepted_share:.1%} accepted there, {self.accepted_accuracy:.2%} of them correct)"
         return text
 
-    def reasons(self, logits: np.ndarray, probs: np.ndarray, temperature: float = 1.0) -> list[list[str]]:
-        """Per image, why it needs review (an empty list: accept as predicted)."""
+    def checks(self, logits: np.ndarray, probs: np.ndarray, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Per image, the two review conditions as boolean arrays: ``(low confidence, unlike the training data)``."""
         probs = np.asarray(probs)
         if len(probs) == 0:
+            return np.zeros(0, bool), np.zeros(0, bool)
+        low = probs.max(axis=1) < self.threshold
+        if self.energy_threshold is None:
+            return low, np.zeros(len(probs), bool)
+        return low, energy(logits, temperature) > self.energy_threshold
+
+    def reasons(self, logits: np.ndarray, probs: np.ndarray, temperature: float = 1.0) -> list[list[str]]:
+        """Per image, why it needs review (an empty list: accept as predicted)."""
+        low, unlike = self.checks(logits, probs, temperature)
+        if not len(low):
             return []
-        top = probs.max(axis=1)
-        e = energy(logits, temperature) if self.energy_threshold is not None else None
+        top = np.asarray(probs).max(axis=1)
+        e = energy(logits, temperature) if unlike.any() else None
         out: list[list[str]] = []
-        for i, p in enumerate(top):
+        for i in range(len(low)):
             why = []
-            if p < self.threshold:
-                why.append(f"low confidence ({p:.2f} < {self.threshold:.2f})")
-            if e is not None and e[i] > self.energy_threshold:
+            if low[i]:
+                why.append(f"low confidence ({top[i]:.2f} < {self.threshold:.2f})")
+            if unlike[i]:
                 why.append(f"unlike the training data (energy {e[i]:.2f} > {self.energy_threshold:.2f})")
             out.append(why)
         return out
 
     def flags(self, logits: np.ndarray, probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """Boolean review flag per image."""
-        return np.array([bool(r) for r in self.reasons(logits, probs, temperature)], dtype=bool)
+        low, unlike = self.checks(logits, probs, temperature)
+        return low | unlike
 
 
 def fit_review(
