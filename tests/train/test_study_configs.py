@@ -103,3 +103,15 @@ def test_studies_need_imagenet_weights_offline(trees: dict[str, Path], tmp_path:
         compare(CONFIGS / "study-transfer4.yaml", tmp_path / "out", overrides=["trainer.progress=false"],
                 data_path=trees["mooney"], only=["resnet50"], echo=lambda s: None)
     assert not (tmp_path / "out" / "resnet50").exists()
+
+
+def test_a_grid_given_to_train_names_the_verb_that_reads_it(tmp_path: Path) -> None:
+    """`leuko train configs/study-transfer4.yaml` is what a user types first: one line pointing to `leuko compare`."""
+    from test_cli import call
+
+    grid = CONFIGS / "study-transfer4.yaml"
+    with pytest.raises(LeukoError, match="comparison grid .* run it with 'leuko compare"):
+        load_config(grid)
+    assert call(["train", str(grid), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+    assert load_config(CONFIGS / "study-mobilenetv2.yaml").model.name == "mobilenetv2"  # a run config still loads

@@ -214,4 +214,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (``None`` = all defaults) and apply ``key=value`` overrides."""
     raw = read_yaml_mapping(path) if path is not None else {}
+    if {"cells", "scenarios", "grid", "folds"} & set(raw) and not {"data", "model", "train"} & set(raw):
+        # a study's comparison file (configs/study-*.yaml): say which verb reads it
+        raise LeukoError(f"{path} is a comparison grid (cells/scenarios/grid), not a run config: run it with 'leuko compare {path}'")
     return config_from_dict(raw, overrides)
