@@ -597,13 +597,14 @@ def adapt_cmd(
     layers: str = typer.Option("trained", "--layers", help="trained: the BatchNorm layers training estimated on the source lab (frozen ones keep ImageNet's); all: every one."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use a random subset of at most this many images."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per BatchNorm batch."),
+    balance: bool = typer.Option(True, "--balance/--no-balance", help="Estimate on a resample whose predicted-class mix is the training split's (labs differ in which cells they see, not only in how they look)."),
 ) -> None:
     """AdaBN: re-estimate the model's BatchNorm statistics on a new lab's images (no labels); writes a new run folder."""
     from leuko.train.adapt import adapt_run
 
     options = {"margin": margin} if margin is not None else None
     res = adapt_run(run_dir, data, out, layout=layout, layout_options=options, layers=layers, max_images=max_images,
-                    batch_size=batch_size, echo=console.print)
+                    batch_size=batch_size, balance=balance, echo=console.print)
     for key, reason in res.failed:
         err_console.print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, soft_wrap=True)
     console.print(f"{res.n_layers} BatchNorm layers re-estimated on {res.n_images} images; weights unchanged")

@@ -18,7 +18,16 @@ from leuko.evaluate.run import evaluate_run
 from leuko.infer.backends import ModelInput
 from leuko.runs import load_model, read_model_meta
 from leuko.train import train
-from leuko.train.adapt import adapt_batchnorm, adapt_run, batchnorm_layers, trained_batchnorm
+from leuko.train.adapt import (
+    adapt_batchnorm,
+    adapt_run,
+    balanced_draw,
+    batchnorm_layers,
+    pseudo_labels,
+    source_class_counts,
+    trained_batchnorm,
+)
+from leuko.runs import RunFolder
 from test_cli import call
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
@@ -83,7 +92,7 @@ def test_adapt_moves_batchnorm_statistics_and_keeps_weights(lab: tuple[Path, Pat
     run, _, new = lab
     out = tmp_path / "adapted"
     # the tiny run froze its backbone (ImageNet-style statistics everywhere): adapt all layers
-    res = adapt_run(run, new, out, layout="folder", layers="all", batch_size=12, echo=lambda s: None)
+    res = adapt_run(run, new, out, layout="folder", layers="all", batch_size=12, balance=False, echo=lambda s: None)
     assert res.n_images == 48 and res.n_layers == len(batchnorm_layers(load_model(run)[0])) > 0
     before = read_model_meta(run / "model.pt")
     after = read_model_meta(out / "model.pt")
@@ -122,6 +131,51 @@ def test_adapt_moves_batchnorm_statistics_and_keeps_weights(lab: tuple[Path, Pat
     assert m_src["in_lab"]["accuracy"] == pytest.approx(inlab["accuracy"]) and m_src["in_lab"]["n"] == inlab["n"]
     crop = m_src["data"]["cell_crop"]  # the run crops around cells: every image is accounted for
     assert crop["found"] + len(crop["fell_back"]) == 48
+
+
+def test_balanced_draw_gives_each_predicted_class_its_source_share() -> None:
+    rng = np.random.default_rng(0)
+    pseudo = np.array([2] * 60 + [0] * 30 + [1] * 10)  # a neutrophil-heavy lab
+    drawn = pseudo[balanced_draw(pseudo, [1, 1, 2], 40_000, rng)]
+    assert np.bincount(drawn, minlength=3) / len(drawn) == pytest.approx([0.25, 0.25, 0.5], abs=0.01)
+    # a class the model never predicts in the new lab cannot be represented: the others share its part
+    pseudo = np.array([2] * 70 + [0] * 30)
+    drawn = pseudo[balanced_draw(pseudo, [1, 1, 2], 30_000, rng)]
+    assert np.bincount(drawn, minlength=3) / len(drawn) == pytest.approx([1 / 3, 0, 2 / 3], abs=0.01)
+    with pytest.raises(LeukoError, match="non-negative"):
+        balanced_draw(pseudo, [0, 0, 0], 10, rng)
+    with pytest.raises(LeukoError, match="index the 2 model classes"):
+        balanced_draw(pseudo, [1, 1], 10, rng)
+
+
+def test_balanced_adapt_averages_the_class_balanced_resample(lab: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The default: statistics of the resample :func:`balanced_draw` makes from the unadapted model's predictions."""
+    run, _, new = lab
+    skewed = tmp_path / "skewed"  # 16 + 16 + 48 cells: one class three times as common as in training
+    shutil.copytree(new, skewed)
+    for k in (1, 2):
+        for p in sorted((new / "neutrophil").glob("*.png")):
+            shutil.copy(p, skewed / "neutrophil" / f"copy{k}-{p.name}")
+    lines: list[str] = []
+    res = adapt_run(run, skewed, tmp_path / "ad", layout="folder", layers="all", batch_size=16, echo=lines.append)
+    info = json.loads((tmp_path / "ad" / "adapt.json").read_text())["balance"]
+    model, meta = load_model(run)
+    assert sum(info["predicted"].values()) == 80 and info["draws"] == res.n_images == 80
+    assert info["source_train"] == json.loads((run / "data.json").read_text())["counts"]["train"]
+    assert any(line.startswith("new lab's predicted classes") for line in lines)
+    # replay the draw: the adapted first layer holds the mean of exactly those images
+    from leuko.data import load_dataset
+
+    samples = list(load_dataset(skewed, "folder").samples)
+    mi = ModelInput.from_meta(meta["input"])
+    pseudo, readable = pseudo_labels(model, samples, mi, 16, {})
+    assert readable == list(range(80))
+    chosen = balanced_draw(pseudo, source_class_counts(RunFolder.open(run), meta["classes"]), 80, np.random.default_rng(0))
+    x = torch.from_numpy(np.stack([mi.from_sample(samples[i]) for i in chosen]))
+    mean_drawn, _ = first_bn_input_stats(model, x)
+    name = batchnorm_layers(model)[0][0]
+    adapted = read_model_meta(tmp_path / "ad" / "model.pt")["state_dict"][f"{name}.running_mean"]
+    assert torch.allclose(adapted, mean_drawn, atol=1e-4, rtol=1e-3)
 
 
 def test_adapt_and_evaluate_cli(lab: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,18 @@ says ``adapted: {method: adabn, data, n_images, date, ...}``), which
 are decoded and preprocessed exactly as the model's inference does
 (:class:`~leuko.infer.backends.ModelInput` from the model's own metadata).
 
+AdaBN's premise is that the two labs differ in how their cells look, not
+in which cells they see. Labs differ in that too: BCCD's crops are 60%
+neutrophils, PBC's training split 20%; statistics averaged over a
+neutrophil-heavy sample are a neutrophil's, and every other class is then
+normalised as if it were one. So by default (``balance=True``) the source
+model first labels the new images (one forward pass, no labels needed),
+and the statistics are estimated on a resample in which each predicted
+class has its share of the source training split (see
+:func:`balanced_draw`). Measured on BCCD with a last:3 PBC model
+(docs/robustness.md): plain AdaBN 78.1% -> 68.8% accuracy, balanced
+78.1% -> 77.8% with macro-F1 0.567 -> 0.620.
+
 The model's temperature and review thresholds were fitted on the source
 lab's validation images; they are kept (there are no labels to refit them
 on) and the review policy says so.
@@ -142,6 +154,43 @@ def adapt_batchnorm(
     return seen
 
 
+def balanced_draw(
+    pseudo: np.ndarray, source_counts: Sequence[float], n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices (with replacement) into the new lab's images whose predicted classes have the source's shares.
+
+    Each image ``i`` is drawn with probability proportional to
+    ``share[c] / count[c]`` for its predicted class ``c``: the expected class
+    mix of the draw is the source training split's, restricted to the
+    classes the model finds in the new lab at all (a class it never predicts
+    there has no image to stand for it; the other shares are renormalised).
+
+    Args:
+        pseudo: predicted class index of each image.
+        source_counts: training images per class, in the model's class order.
+        n: how many indices to draw.
+    """
+    pseudo = np.asarray(pseudo, dtype=int)
+    share = np.asarray(source_counts, dtype=float)
+    if share.ndim != 1 or len(share) == 0 or (share < 0).any() or share.sum() <= 0:
+        raise LeukoError(f"source class counts must be non-negative with a positive total; got {list(source_counts)}")
+    if len(pseudo) == 0 or pseudo.min() < 0 or pseudo.max() >= len(share):
+        raise LeukoError(f"predicted classes must index the {len(share)} model classes")
+    found = np.bincount(pseudo, minlength=len(share)).astype(float)
+    weight = share[pseudo] / found[pseudo]
+    if weight.sum() <= 0:  # every predicted class is absent from the source split: fall back to uniform
+        weight = np.ones(len(pseudo))
+    return rng.choice(len(pseudo), size=n, replace=True, p=weight / weight.sum())
+
+
+def source_class_counts(run: RunFolder, classes: Sequence[str]) -> list[float]:
+    """Training images per model class from the run's ``data.json`` (equal counts when it has none)."""
+    counts = (run.read_json("data.json").get("counts") or {}).get("train") if run.data.is_file() else None
+    if not isinstance(counts, dict) or not counts:
+        return [1.0] * len(classes)
+    return [float(counts.get(c, 0)) for c in classes]
+
+
 @dataclass
 class AdaptResult:
     """What :func:`adapt_run` did."""
@@ -151,6 +200,29 @@ class AdaptResult:
     n_layers: int
     failed: list[tuple[str, str]]
     adapted: dict[str, Any]
+
+
+@torch.no_grad()
+def pseudo_labels(
+    model: nn.Module, samples: Sequence[Sample], model_input: Any, batch_size: int, failed: dict[str, str]
+) -> tuple[np.ndarray, list[int]]:
+    """``(predicted class per readable image, their indices into samples)`` from the unadapted model.
+
+    Unreadable images are recorded in ``failed`` and left out.
+    """
+    from leuko.infer.backends import iter_batches, sample_loader
+
+    model.eval()
+    load = sample_loader(samples, model_input)
+    preds: list[np.ndarray] = []
+    readable: list[int] = []
+    for b in iter_batches(len(samples), load, model_input.shape, batch_size=batch_size):
+        failed.update((samples[i].key, why) for i, why in b.failed)
+        if len(b.rows):
+            x = torch.as_tensor(b.x).contiguous(memory_format=torch.channels_last)
+            preds.append(model(x).argmax(1).numpy())
+            readable.extend(b.rows)
+    return (np.concatenate(preds) if preds else np.zeros(0, dtype=int)), readable
 
 
 def collect_samples(data: str | Path, layout: str | None = None, layout_options: dict[str, Any] | None = None) -> list[Sample]:
@@ -184,6 +256,7 @@ def adapt_run(
     layout_options: dict[str, Any] | None = None,
     method: str = "adabn",
     layers: str = "trained",
+    balance: bool = True,
     max_images: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
@@ -197,6 +270,9 @@ def adapt_run(
             detected, else every image file under it.
         layers: ``trained`` (the BatchNorm layers training estimated on the
             source lab, see :func:`trained_batchnorm`) or ``all``.
+        balance: estimate the statistics on a resample whose predicted-class
+            mix is the source training split's (module doc); ``False``: on
+            the images as they come, each once.
         max_images: use a random (seeded) subset of at most this many images.
         batch_size: images per BatchNorm batch (larger: steadier statistics).
 
@@ -250,18 +326,35 @@ def adapt_run(
     n_layers = len(chosen_layers)
     model_input = ModelInput.from_meta(meta["input"])
     load = sample_loader(samples, model_input)
-    failed: list[tuple[str, str]] = []
+    failed: dict[str, str] = {}
+    rng = np.random.default_rng(seed)
     # equal batches: the cumulative average weights batches, not images, equally
-    order = np.random.default_rng(seed).permutation(len(samples))
     n_used = len(samples) // batch_size * batch_size if len(samples) >= batch_size else len(samples)
-    chosen = [int(i) for i in order[:n_used]]
+    balance_info: dict[str, Any] | None = None
+    if balance:
+        pseudo, readable = pseudo_labels(model, samples, model_input, batch_size, failed)
+        if len(readable) < MIN_IMAGES:
+            raise LeukoError(f"only {len(readable)} images of {data} could be read; AdaBN needs at least {MIN_IMAGES}")
+        classes = list(meta["classes"])
+        source = source_class_counts(run, classes)
+        chosen = [readable[int(i)] for i in balanced_draw(pseudo, source, n_used, rng)]
+        found = np.bincount(pseudo, minlength=len(classes))
+        balance_info = {
+            "predicted": {c: int(k) for c, k in zip(classes, found)},
+            "source_train": {c: int(k) for c, k in zip(classes, source)},
+            "draws": len(chosen),
+        }
+        echo("new lab's predicted classes (before adaptation): " + ", ".join(f"{c} {k}" for c, k in zip(classes, found) if k))
+    else:
+        chosen = [int(i) for i in rng.permutation(len(samples))[:n_used]]
 
     def batches() -> Iterator[np.ndarray]:
         for b in iter_batches(len(chosen), lambda i, buf: load(chosen[i], buf), model_input.shape, batch_size=batch_size):
-            failed.extend((samples[chosen[i]].key, why) for i, why in b.failed)
+            failed.update((samples[chosen[i]].key, why) for i, why in b.failed)
             yield b.x
 
-    echo(f"adapting {run.path.name}: {n_layers} BatchNorm layers on {len(chosen)} images of {data} ({method})")
+    what = f"a class-balanced resample ({len(chosen)} draws) of" if balance else f"{len(chosen)} images of"
+    echo(f"adapting {run.path.name}: {n_layers} BatchNorm layers on {what} {data} ({method})")
     seen = adapt_batchnorm(model, batches, layers=chosen_layers)
     if seen < MIN_IMAGES:
         raise LeukoError(f"only {seen} images of {data} could be read; AdaBN needs at least {MIN_IMAGES}")
@@ -274,6 +367,7 @@ def adapt_run(
         "source_run": str(run.path.resolve()),
         "layers": layers,
         "bn_layers": n_layers,
+        "balance": balance_info,
     }
     if meta.get("review"):
         review = dict(meta["review"])
@@ -287,8 +381,9 @@ def adapt_run(
         if src.is_file():
             shutil.copy2(src, target / name)
     save_model(new.model, model, {k: v for k, v in meta.items() if k != "format"})
-    new.write_json("adapt.json", {**adapted, "failed": failed})
-    return AdaptResult(target, int(seen), n_layers, failed, adapted)
+    failed_list = sorted(failed.items())
+    new.write_json("adapt.json", {**adapted, "failed": failed_list})
+    return AdaptResult(target, int(seen), n_layers, failed_list, adapted)
 
 
 __all__ = [
@@ -297,7 +392,10 @@ __all__ = [
     "AdaptResult",
     "adapt_batchnorm",
     "adapt_run",
+    "balanced_draw",
     "batchnorm_layers",
     "collect_samples",
+    "pseudo_labels",
+    "source_class_counts",
     "trained_batchnorm",
 ]
