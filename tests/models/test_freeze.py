@@ -115,7 +115,26 @@ def test_block_notion_per_family(name: str, head: str, first: str, last: str, co
     assert _trainable(model) == _head(model) | set(backbone_blocks(model)[-1][1])
 
 
-@pytest.mark.parametrize("mode", ["all", "last", "last:-1", "last:x", ""])
+def test_bn_n_keeps_pretrained_statistics_except_in_the_last_blocks(lite: nn.Module) -> None:
+    blocks = backbone_blocks(lite)
+    freeze(lite, "bn:2")
+    assert _trainable(lite) >= _head(lite) | {"conv_stem.weight", "blocks.0.0.conv_dw.weight"}  # every weight trains
+    late = set(blocks[-1][1]) | set(blocks[-2][1])
+    bns = [(n, m) for n, m in lite.named_modules() if isinstance(m, _BatchNorm) and not n.startswith("classifier")]
+    early_bn = [m for n, m in bns if f"{n}.weight" not in late]
+    late_bn = [m for n, m in bns if f"{n}.weight" in late]
+    assert early_bn and late_bn and len(early_bn) + len(late_bn) == len(bns)
+    assert not any(m.weight.requires_grad for m in early_bn) and all(m.weight.requires_grad for m in late_bn)
+    before = [(m.running_mean.clone(), m) for m in early_bn + late_bn]
+    lite.train()
+    lite(torch.randn(2, 3, 64, 64) * 2 + 1)
+    moved = [not torch.equal(b, m.running_mean) for b, m in before]
+    assert moved == [False] * len(early_bn) + [True] * len(late_bn)
+    freeze(lite, "bn:0")  # = bn
+    assert all(not m.weight.requires_grad for _, m in bns)
+
+
+@pytest.mark.parametrize("mode", ["all", "last", "last:-1", "last:x", "", "bn:x", "bn:"])
 def test_bad_modes_are_leuko_errors(lite: nn.Module, mode: str) -> None:
-    with pytest.raises(LeukoError, match="none, backbone, bn, last:N"):
+    with pytest.raises(LeukoError, match="none, backbone, bn, bn:N, last:N"):
         freeze(lite, mode)

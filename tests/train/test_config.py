@@ -27,7 +27,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     [
         ("train:\n  lrr: 0.1\n", [], "unknown key 'train.lrr'"),
         ("", ["train.lr=-0.1"], "train.lr: Input should be greater than 0"),
-        ("", ["model.freeze=half"], "model.freeze: must be none, backbone, bn or last:N"),
+        ("", ["model.freeze=half"], "model.freeze: must be none, backbone, bn, bn:N or last:N"),
         ("", ["train.optimizer=lion"], "train.optimizer: Input should be 'sgd', 'adam', 'adamw' or 'rmsprop'"),
         ("data: [1, 2]\n", [], "data: Input should be a valid dictionary"),
         ("train: {epochs: 3}\nmodel: {two_stage_epochs: 3}\n", [], "two_stage_epochs must be smaller"),

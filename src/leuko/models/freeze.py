@@ -58,8 +58,8 @@ __all__ = [
     "split_params",
 ]
 
-FREEZE_MODES: tuple[str, ...] = ("none", "backbone", "bn", "last:N")
-_LAST_N = re.compile(r"^last:(\d+)$")
+FREEZE_MODES: tuple[str, ...] = ("none", "backbone", "bn", "bn:N", "last:N")
+_LAST_N = re.compile(r"^(last|bn):(\d+)$")
 
 
 def head_path(model: nn.Module) -> str:
@@ -187,10 +187,10 @@ def _parse_mode(mode: str) -> tuple[str, int]:
         return text, 0
     match = _LAST_N.match(text)
     if match:
-        return "last", int(match.group(1))
+        return match.group(1), int(match.group(2))
     raise LeukoError(
-        f"freeze={mode!r} is not valid; choose one of: none, backbone, bn, last:N "
-        "(N >= 0 backbone blocks trained, counted from the output end)"
+        f"freeze={mode!r} is not valid; choose one of: none, backbone, bn, bn:N, last:N "
+        "(N >= 0 backbone blocks trained - or, for bn:N, with their own BatchNorm statistics - counted from the output end)"
     )
 
 
@@ -224,7 +224,14 @@ def freeze(model: nn.Module, mode: str) -> FreezeSummary:
         ``"backbone"``: only the head trains; the backbone, including its
             BatchNorm statistics, is frozen.
         ``"bn"``: everything trains except the backbone's BatchNorm layers
-            (statistics and affine parameters) - for fine-tuning with small batches.
+            (statistics and affine parameters) - for fine-tuning with small batches,
+            and for statistics that belong to no lab (another lab's images are
+            normalised as the pretrained weights' were, not as the training lab's).
+        ``"bn:N"``: like ``"bn"``, but the BatchNorm layers of the last N
+            blocks train (statistics too): the early layers, where stain and
+            contrast live, keep the pretrained statistics; the late ones, whose
+            features are the cell types', fit the training data. ``bn:0``
+            equals ``"bn"``.
         ``"last:N"``: the head and the last N backbone blocks (see module doc)
             train; earlier blocks are frozen like ``"backbone"``. ``last:0`` equals
             ``"backbone"``; N larger than the number of blocks trains everything.
@@ -240,10 +247,8 @@ def freeze(model: nn.Module, mode: str) -> FreezeSummary:
         _set_bn_frozen(bn, False, model.training)
 
     blocks = backbone_blocks(model)
-    if kind == "none":
+    if kind in ("none", "bn"):
         frozen_blocks: list[tuple[str, list[str]]] = []
-    elif kind == "bn":
-        frozen_blocks = []
     elif kind == "backbone":
         frozen_blocks = blocks
     else:
@@ -253,10 +258,12 @@ def freeze(model: nn.Module, mode: str) -> FreezeSummary:
         if name in frozen_names:
             param.requires_grad_(False)
 
+    # bn:N - the BatchNorm layers outside the last N blocks keep their pretrained state
+    early = {n for _, names in blocks[: max(len(blocks) - n_last, 0)] for n in names} if kind == "bn" and n_last else None
     frozen_bn = 0
     for name, bn in bns:
         if kind == "bn":
-            frozen = True
+            frozen = early is None or f"{name}.weight" in early or not bn.affine
         elif bn.affine:
             frozen = f"{name}.weight" in frozen_names
         else:

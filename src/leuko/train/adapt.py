@@ -317,7 +317,7 @@ def adapt_run(
             )
     else:
         chosen_layers = [n for n, _ in batchnorm_layers(model)]
-        if freeze_mode == "bn":
+        if freeze_mode.partition(":")[0] == "bn":
             echo(
                 "warning: this model was trained with model.freeze=bn, every layer learnt with ImageNet's BatchNorm "
                 "statistics; re-estimating them on the new lab undid its robustness on BCCD (docs/robustness.md). "

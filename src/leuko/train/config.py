@@ -50,16 +50,17 @@ class ModelConfig(_Strict):
     pretrained: str = Field("auto", description="auto (bundled where available, else imagenet), imagenet, bundled, none, or a weights file.")
     head: Literal["linear", "dense128", "bn-dense256"] = "linear"
     dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
-    freeze: str = Field("none", description="none | backbone | bn | last:N (train only the last N blocks + head).")
+    freeze: str = Field("none", description="none | backbone | bn | bn:N | last:N (train only the last N blocks + head; bn:N: all weights, BatchNorm statistics of the last N blocks only).")
     head_lr_factor: float = Field(1.0, gt=0.0, description="Learning-rate multiplier of the new head.")
     two_stage_epochs: int = Field(0, ge=0, description="Train the head alone for this many epochs, then unfreeze (two-stage).")
 
     @field_validator("freeze")
     @classmethod
     def _freeze(cls, v: str) -> str:
-        if v in ("none", "backbone", "bn") or (v.startswith("last:") and v[5:].isdigit() and int(v[5:]) > 0):
+        kind, _, n = v.partition(":")
+        if v in ("none", "backbone", "bn") or (kind in ("last", "bn") and n.isdigit() and int(n) > 0):
             return v
-        raise ValueError("must be none, backbone, bn or last:N with N > 0")
+        raise ValueError("must be none, backbone, bn, bn:N or last:N with N > 0")
 
 
 class TrainConfig(_Strict):
