@@ -210,19 +210,17 @@ def pseudo_labels(
 
     Unreadable images are recorded in ``failed`` and left out.
     """
-    from leuko.infer.backends import iter_batches, sample_loader
+    from functools import partial
+
+    from leuko.infer.backends import run_batches, sample_loader
+    from leuko.infer.predictor import _torch_logits
 
     model.eval()
-    load = sample_loader(samples, model_input)
-    preds: list[np.ndarray] = []
-    readable: list[int] = []
-    for b in iter_batches(len(samples), load, model_input.shape, batch_size=batch_size):
-        failed.update((samples[i].key, why) for i, why in b.failed)
-        if len(b.rows):
-            x = torch.as_tensor(b.x).contiguous(memory_format=torch.channels_last)
-            preds.append(model(x).argmax(1).numpy())
-            readable.extend(b.rows)
-    return (np.concatenate(preds) if preds else np.zeros(0, dtype=int)), readable
+    rows, logits, bad = run_batches(
+        partial(_torch_logits, model, "cpu"), len(samples), sample_loader(samples, model_input), model_input, batch_size=batch_size
+    )
+    failed.update((samples[i].key, why) for i, why in bad)
+    return (logits.argmax(1) if len(rows) else np.zeros(0, dtype=int)), rows
 
 
 def collect_samples(data: str | Path, layout: str | None = None, layout_options: dict[str, Any] | None = None) -> list[Sample]:
@@ -319,8 +317,8 @@ def adapt_run(
         chosen_layers = [n for n, _ in batchnorm_layers(model)]
         if freeze_mode.partition(":")[0] == "bn":
             echo(
-                "warning: this model was trained with model.freeze=bn, every layer learnt with ImageNet's BatchNorm "
-                "statistics; re-estimating them on the new lab undid its robustness on BCCD (docs/robustness.md). "
+                f"warning: this model was trained with model.freeze={freeze_mode}, its layers learnt with ImageNet's "
+                "BatchNorm statistics; re-estimating them on the new lab undid that robustness on BCCD (docs/robustness.md). "
                 "Check the adapted run on a labelled sample before using it."
             )
     n_layers = len(chosen_layers)
