@@ -63,6 +63,48 @@ def test_train_writes_run_folder(tiny_data: Path, tmp_path: Path) -> None:
     assert cfg.data.path == str(tiny_data.resolve())  # resolved config records the data used
 
 
+@pytest.mark.parametrize(
+    ("score", "loss", "best_score", "best_loss", "expected"),
+    [
+        (0.9, 0.5, None, None, True),  # first epoch
+        (0.91, 0.9, 0.9, 0.2, True),  # higher accuracy wins whatever the loss
+        (0.89, 0.1, 0.9, 0.2, False),
+        (0.9, 0.19, 0.9, 0.2, True),  # a tie goes to the lower loss ...
+        (0.9, 0.2, 0.9, 0.2, False),  # ... and an exact tie keeps the earlier epoch
+        (0.9, 0.3, 0.9, 0.2, False),
+        (0.9, None, 0.9, 0.2, False),
+        (0.9, 0.3, 0.9, None, True),
+    ],
+)
+def test_kept_epoch_rule(score: float, loss: float | None, best_score: float | None, best_loss: float | None, expected: bool) -> None:
+    from leuko.train.callbacks import improves
+
+    assert improves(score, loss, best_score, best_loss) is expected
+
+
+def test_checkpoints_keep_best_by_rule_and_last_every_epoch(tiny_data: Path, tmp_path: Path) -> None:
+    """best.ckpt is the metrics file's best epoch (accuracy, ties to the lower loss); last.ckpt the final epoch."""
+    import torch
+
+    from leuko.train.callbacks import improves
+
+    out = tmp_path / "run"
+    over = [a for a in TINY if not a.startswith("train.epochs")] + ["train.epochs=4", "train.lr=0.003"]
+    result = train(None, out, overrides=over, data_path=tiny_data, echo=lambda s: None)
+    rows = read_metrics(out)
+    expected, best, best_loss = None, None, None
+    for r in rows:
+        acc, loss = float(r["val_acc"]), float(r["val_loss"])
+        if improves(acc, loss, best, best_loss):
+            expected, best, best_loss = int(r["epoch"]), acc, loss
+    run = RunFolder.open(out)
+    assert result.best_epoch == expected
+    assert result.best_val_acc == pytest.approx(best)
+    assert torch.load(run.best_ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 == expected
+    assert torch.load(run.last_ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 == 4
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_same_seed_same_metrics(tiny_data: Path, tmp_path: Path) -> None:
     a = tmp_path / "a"
     b = tmp_path / "b"

@@ -1,9 +1,10 @@
-"""Callbacks: the per-epoch metrics file, throughput, and saving on interruption.
+"""Callbacks: checkpoints, the per-epoch metrics file, throughput, and saving on interruption.
 
-Lightning does checkpoints and early stopping; these add what a run folder
-promises: ``metrics.csv`` with one row per epoch (train/val loss and
-accuracy, learning rate, images/s) and a ``last.ckpt`` written when the user
-presses Ctrl-C, so ``--resume`` loses nothing.
+Lightning does early stopping; these add what a run folder promises:
+``best.ckpt`` (the epoch training keeps) and ``last.ckpt`` after every epoch
+(:class:`BestAndLastCheckpoint`), ``metrics.csv`` with one row per epoch
+(train/val loss and accuracy, learning rate, images/s) and a ``last.ckpt``
+written when the user presses Ctrl-C, so ``--resume`` loses nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +49,81 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def improves(score: float, loss: float | None, best_score: float | None, best_loss: float | None) -> bool:
+    """Whether an epoch beats the kept one: higher accuracy, or the same accuracy at a lower loss.
+
+    The one rule for which epoch a run keeps (the Lightning path and the
+    cached-feature path alike).
+    """
+    if best_score is None or score > best_score:
+        return True
+    if score < best_score or loss is None:
+        return False
+    return best_loss is None or loss < best_loss
+
+
+class BestAndLastCheckpoint(pl.Callback):
+    """``best.ckpt``: the epoch with the highest accuracy, ties going to the lower loss; ``last.ckpt``: every epoch.
+
+    Why not Lightning's ``ModelCheckpoint``: it keeps the *first* epoch of a
+    tie, and a few hundred validation images tie often (accuracy moves in
+    steps of one image), so a one-cycle run kept an epoch from the middle of
+    its schedule, at high learning rate, over the annealed last epoch with the
+    same accuracy and a lower loss. And since Lightning 2.6 its ``save_last``
+    only writes when a best checkpoint was written in that step, so a killed
+    run resumed from its last *improvement*, not its last epoch.
+
+    Args:
+        dirpath: the run's ``checkpoints`` folder.
+        monitor: the accuracy to maximise (``val_acc``; ``train_acc`` without a validation split).
+        tiebreak: the loss that decides ties (``val_loss`` / ``train_loss``).
+    """
+
+    def __init__(self, dirpath: Path, monitor: str = "val_acc", tiebreak: str = "val_loss") -> None:
+        self.dirpath = Path(dirpath)
+        self.monitor, self.tiebreak = monitor, tiebreak
+        self.best_score: float | None = None
+        self.best_loss: float | None = None
+        self.best_epoch: int | None = None
+
+    @property
+    def best_path(self) -> Path:
+        return self.dirpath / "best.ckpt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = trainer.callback_metrics
+        score = metrics.get(self.monitor)
+        if score is not None:
+            loss = metrics.get(self.tiebreak)
+            value, loss_value = float(score), (float(loss) if loss is not None else None)
+            if improves(value, loss_value, self.best_score, self.best_loss):
+                self.best_score, self.best_loss, self.best_epoch = value, loss_value, trainer.current_epoch + 1
+                trainer.save_checkpoint(self.best_path)  # every rank calls it; rank 0 writes
+        trainer.save_checkpoint(self.last_path)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor.startswith("val_"):
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.monitor.startswith("val_"):
+            self._save(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_loss = state_dict.get("best_loss")
+        self.best_epoch = state_dict.get("best_epoch")
 
 
 class EpochMetricsCSV(pl.Callback):

@@ -29,7 +29,7 @@ from leuko.data.preprocess import step_versions
 from leuko.data.samples import Sample
 from leuko.paths import cache_dir
 from leuko.runs import RunFolder
-from leuko.train.callbacks import append_metrics_row
+from leuko.train.callbacks import append_metrics_row, improves
 from leuko.train.config import RunConfig
 from leuko.train.data import PreparedData, run_transform
 from leuko.train.module import build_optimizer, lr_factor
@@ -159,7 +159,8 @@ def train_head_on_features(model: nn.Module, cfg: RunConfig, data: PreparedData,
     weights = class_weights_for(y_tr.tolist(), len(data.classes)) if tc.class_weights == "balanced" else None
     gen = torch.Generator().manual_seed(tc.seed)
     best_acc, best_state, best_epoch, bad_epochs = -1.0, copy.deepcopy(head.state_dict()), 0, 0
-    best_loss = float("inf")
+    best_loss = float("inf")  # for early stopping
+    best_acc_loss: float | None = None  # the kept epoch's loss, which breaks accuracy ties
     step = 0
     for epoch in range(tc.epochs):
         t0 = time.perf_counter()
@@ -198,9 +199,9 @@ def train_head_on_features(model: nn.Module, cfg: RunConfig, data: PreparedData,
         row["images_per_s"] = seen / max(dt, 1e-9)
         row["epoch_time_s"] = dt
         append_metrics_row(run.metrics, row)
-        if score > best_acc:
-            best_acc, best_state, best_epoch = score, copy.deepcopy(head.state_dict()), epoch + 1
         monitor_loss = row.get("val_loss", row["train_loss"])
+        if improves(score, monitor_loss, best_acc, best_acc_loss):
+            best_acc, best_acc_loss, best_state, best_epoch = score, monitor_loss, copy.deepcopy(head.state_dict()), epoch + 1
         if monitor_loss < best_loss - 1e-6:
             best_loss, bad_epochs = monitor_loss, 0
         else:

@@ -1,7 +1,7 @@
 """The general training path: Lightning Trainer, checkpoints, resume, scale-out.
 
 Everything here is Lightning's own machinery configured from the run config:
-``ModelCheckpoint`` (best by validation accuracy + last), ``EarlyStopping``,
+``BestAndLastCheckpoint`` (best by validation accuracy, ties to the lower loss; last every epoch), ``EarlyStopping``,
 EMA weight averaging, gradient clipping, mixed precision on GPU, and
 ``fit(ckpt_path=last.ckpt)`` to resume. ``trainer.devices/num_nodes/strategy``
 pass straight through, so DDP under torchrun or SLURM needs no extra code.
@@ -17,11 +17,11 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 
 from leuko.data.pipeline import SampleDataset, make_loader
 from leuko.runs import RunFolder
-from leuko.train.callbacks import EpochMetricsCSV, SaveOnInterrupt, truncate_metrics
+from leuko.train.callbacks import BestAndLastCheckpoint, EpochMetricsCSV, SaveOnInterrupt, truncate_metrics
 from leuko.train.config import RunConfig
 from leuko.train.data import PreparedData, run_transform
 from leuko.train.module import LeukoClassifier
@@ -88,16 +88,8 @@ def fit_lightning(
     train_loader, val_loader = build_loaders(model, cfg, data)
     weights = class_weights_for(train_loader.dataset.targets, len(data.classes)) if cfg.train.class_weights == "balanced" else None
     module = LeukoClassifier(model, cfg, data.classes, class_weights=weights, steps_per_epoch=len(train_loader))
-    monitor = "val_acc" if val_loader is not None else "train_acc"
-    ckpt = ModelCheckpoint(
-        dirpath=run.checkpoints,
-        filename="best",
-        monitor=monitor,
-        mode="max",
-        save_last=True,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
+    has_val = val_loader is not None
+    ckpt = BestAndLastCheckpoint(run.checkpoints, "val_acc" if has_val else "train_acc", "val_loss" if has_val else "train_loss")
     interactive = cfg.trainer.progress and os.isatty(1) and not os.environ.get("CI")
     callbacks: list[pl.Callback] = [ckpt, EpochMetricsCSV(run.metrics, None if interactive else echo), SaveOnInterrupt(run.last_ckpt)]
     if cfg.train.early_stopping:
@@ -119,6 +111,7 @@ def fit_lightning(
         gradient_clip_val=cfg.train.grad_clip,
         callbacks=callbacks,
         logger=False,
+        enable_checkpointing=False,  # BestAndLastCheckpoint writes them; Lightning's default would add epoch=N files
         default_root_dir=str(run.path),
         enable_progress_bar=interactive,
         enable_model_summary=False,
@@ -150,12 +143,11 @@ def fit_lightning(
         raise LeukoError(f"training interrupted; continue with: leuko train --resume {run.path}", exit_code=130)
     best_epoch = trainer.current_epoch
     best_val = None
-    if ckpt.best_model_path and os.path.exists(ckpt.best_model_path):
-        state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+    if ckpt.best_epoch is not None and ckpt.best_path.exists():
+        state = torch.load(ckpt.best_path, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
-        best_epoch = int(state.get("epoch", best_epoch)) + 1
-        score = ckpt.best_model_score
-        best_val = float(score) if score is not None else None
+        best_epoch = ckpt.best_epoch
+        best_val = ckpt.best_score
     ips = None
     try:
         import pandas as pd
