@@ -42,3 +42,32 @@ def test_stain_preset_is_seeded() -> None:
     assert all(np.array_equal(a.augment_uint8(image.copy()), b.augment_uint8(image.copy())) for _ in range(5))
     with pytest.raises(Exception, match="augment must be one of"):
         build_transforms(64, train=True, augment="stains", mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def test_soft_focus_gives_sharp_and_soft_cells_the_same_sharpness_range() -> None:
+    """A sharp cell is blurred down to the drawn target; a cell already softer is left as it is.
+
+    So over many draws a sharp class and a soft class end up with overlapping sharpness, which a
+    blur of random strength does not give (it keeps the sharp class sharper in every draw).
+    """
+    import cv2
+
+    from leuko.data.transforms import SoftFocus, detail
+
+    sharp = smear(128, 64, 64, 40)
+    rng = np.random.default_rng(0)
+    sharp = np.clip(sharp.astype(np.int16) + rng.integers(-25, 26, sharp.shape), 0, 255).astype(np.uint8)  # granules
+    soft = cv2.GaussianBlur(sharp, (0, 0), 0.8)
+    assert detail(sharp) > 2 * detail(soft) and 1.0 < detail(soft) < 4.0
+    t = SoftFocus(target=(1.0, 4.0), p=1.0)
+    for goal in (1.2, 2.5, 3.5):
+        if goal < detail(sharp):
+            assert 0.85 * goal <= detail(t.apply(sharp, goal=goal)) <= goal  # 7 bisection steps: at most the goal
+    assert np.array_equal(t.apply(soft, goal=detail(soft) + 0.5), soft)
+    t.set_random_seed(0)
+    a = [detail(t(image=sharp)["image"]) for _ in range(40)]
+    b = [detail(t(image=soft)["image"]) for _ in range(40)]
+    assert np.mean(np.array(a) <= detail(soft)) > 0.25  # often as soft as the soft cell, or softer
+    assert max(b) == pytest.approx(detail(soft)) and min(b) < 0.9 * detail(soft)
+    with pytest.raises(Exception, match="SoftFocus target"):
+        SoftFocus(target=(3.0, 1.0))
