@@ -597,17 +597,25 @@ def adapt_cmd(
     layers: str = typer.Option("trained", "--layers", help="trained: the BatchNorm layers training estimated on the source lab (frozen ones keep ImageNet's); all: every one."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use a random subset of at most this many images."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per BatchNorm batch."),
-    balance: bool = typer.Option(True, "--balance/--no-balance", help="Estimate on a resample whose predicted-class mix is the training split's (labs differ in which cells they see, not only in how they look)."),
+    balance: bool = typer.Option(True, "--balance/--no-balance", help="AdaBN: estimate on a resample whose predicted-class mix is the training split's (labs differ in which cells they see, not only in how they look)."),
+    method: str = typer.Option("adabn", "--method", help="adabn: re-estimate BatchNorm statistics; self-train: fine-tune on the model's own confident predictions (works on freeze: bn models too)."),
+    class_map: Optional[str] = typer.Option(None, "--class-map", help="self-train: a class map (file or shipped name, e.g. pbc-to-bccd) whose 'exclude' lists classes the new lab's images cannot be."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="self-train: passes over the kept images (default 5)."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="self-train: share of each predicted class kept, most confident first (default 0.5)."),
 ) -> None:
-    """AdaBN: re-estimate the model's BatchNorm statistics on a new lab's images (no labels); writes a new run folder."""
+    """Adapt a model to a new lab's images, no labels: AdaBN or self-training; writes a new run folder."""
     from leuko.train.adapt import adapt_run
 
     options = {"margin": margin} if margin is not None else None
-    res = adapt_run(run_dir, data, out, layout=layout, layout_options=options, layers=layers, max_images=max_images,
-                    batch_size=batch_size, balance=balance, echo=console.print)
+    res = adapt_run(run_dir, data, out, layout=layout, layout_options=options, method=method, layers=layers,
+                    max_images=max_images, batch_size=batch_size, balance=balance, class_map=class_map, epochs=epochs,
+                    keep=keep, echo=console.print)
     for key, reason in res.failed:
         err_console.print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, soft_wrap=True)
-    console.print(f"{res.n_layers} BatchNorm layers re-estimated on {res.n_images} images; weights unchanged")
+    if res.adapted["method"] == "adabn":
+        console.print(f"{res.n_layers} BatchNorm layers re-estimated on {res.n_images} images; weights unchanged")
+    else:
+        console.print(f"self-trained on {sum(res.adapted['kept'].values())} of {res.n_images} images ({res.adapted['steps']} steps)")
     console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out} --data {data})", highlight=False)
 
 

@@ -255,3 +255,53 @@ def test_adapt_needs_batchnorm() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
     with pytest.raises(LeukoError, match="no BatchNorm layer"):
         adapt_batchnorm(model, lambda: [torch.zeros(2, 3, 8, 8)])
+
+
+def test_confident_selection_keeps_the_surest_share_of_each_predicted_class() -> None:
+    from leuko.train.adapt import confident_selection
+
+    probs = np.array([
+        [0.90, 0.05, 0.05],  # class 0, surest
+        [0.60, 0.30, 0.10],  # class 0
+        [0.50, 0.40, 0.10],  # class 0, least sure
+        [0.10, 0.20, 0.70],  # class 2 ... but class 2 is excluded below: becomes class 1 (0.2 vs 0.1)
+        [0.05, 0.15, 0.80],  # likewise: class 1 after excluding 2
+        [0.20, 0.70, 0.10],  # class 1, surest of its class
+    ])
+    idx, labels = confident_selection(probs, 0.5, allowed=[0, 1])
+    # class 0: 3 predicted -> round(1.5) = 2 kept (rows 0, 1); class 1: rows 3, 4, 5 -> 2 kept: 5 (0.875) and 4 (0.75)
+    assert idx.tolist() == [0, 1, 4, 5] and labels.tolist() == [0, 0, 1, 1]
+    idx, labels = confident_selection(probs, 0.01)  # every predicted class keeps at least one
+    assert sorted(set(labels.tolist())) == [0, 1, 2] and len(idx) == 3
+    with pytest.raises(LeukoError, match="keep"):
+        confident_selection(probs, 0.0)
+
+
+def test_self_train_fine_tunes_what_trained_and_never_an_excluded_class(lab: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    run, _, new = lab
+    cmap = tmp_path / "no-neutrophil.yaml"
+    cmap.write_text("exclude: [neutrophil]\n")
+    out = tmp_path / "st"
+    lines: list[str] = []
+    res = adapt_run(run, new, out, layout="folder", method="self-train", class_map=cmap, epochs=2, keep=0.5, echo=lines.append)
+    meta = read_model_meta(out / "model.pt")
+    info = meta["adapted"]
+    assert info["method"] == "self-train" and info["excluded_classes"] == ["neutrophil"] and info["n_images"] == 48
+    assert set(info["kept"]) <= {"eosinophil", "lymphocyte"} and 20 <= sum(info["kept"].values()) <= 28  # half of 48
+    assert info["steps"] == 2 * int(np.ceil(sum(info["kept"].values()) / 8))  # batch = the run's batch size (8)
+    assert any(line.startswith("pseudo-labels kept per class:") and "excluded: neutrophil" in line for line in lines)
+    before, after = read_model_meta(run / "model.pt")["state_dict"], meta["state_dict"]
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    # the tiny run froze its backbone: only the head trains here too, and it does move
+    assert moved and all(k.startswith(("head", "fc", "classifier")) for k in moved), sorted(moved)[:5]
+    assert json.loads((out / "adapt.json").read_text())["method"] == "self-train"
+    metrics = evaluate_run(out, data=new, layout="folder", figures=False, echo=lambda s: None)
+    assert metrics["n"] == 48
+    with pytest.raises(LeukoError, match="options of --method self-train"):
+        adapt_run(run, new, tmp_path / "x", layout="folder", keep=0.5, echo=lambda s: None)
+    with pytest.raises(LeukoError, match="--keep must be"):
+        adapt_run(run, new, tmp_path / "y", layout="folder", method="self-train", keep=1.5, echo=lambda s: None)
+    with pytest.raises(LeukoError, match="does not have"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("exclude: [platelet]\n")
+        adapt_run(run, new, tmp_path / "z", layout="folder", method="self-train", class_map=bad, echo=lambda s: None)

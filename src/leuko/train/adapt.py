@@ -29,6 +29,19 @@ class has its share of the source training split (see
 (docs/robustness.md): plain AdaBN 78.1% -> 68.8% accuracy, balanced
 78.1% -> 77.8% with macro-F1 0.567 -> 0.620.
 
+A model whose BatchNorm statistics were never trained (``freeze: bn``, the
+``pbc-robust`` recipe) gives AdaBN nothing to re-estimate. For it, and for
+any model, ``method="self-train"`` fine-tunes on the new lab's images with
+the model's own confident predictions as labels (pseudo-label self-training,
+Lee 2013; the "teacher" is the unadapted model with test-time augmentation):
+per predicted class the most confident share (``keep``) is kept, so the
+majority class does not fill the selection, batches draw every kept class
+equally often, the run's own augmentation and freeze mode apply, and the
+learning rate is a tenth of training's. A class map (``exclude``) names the
+classes the new lab's images cannot be (BCCD's crops hold no platelets):
+they are never pseudo-labels. Measured on BCCD with ``pbc-robust``
+(docs/robustness.md): 79.5% -> 82-83% accuracy, macro-F1 0.60 -> 0.64.
+
 The model's temperature and review thresholds were fitted on the source
 lab's validation images; they are kept (there are no labels to refit them
 on) and the review policy says so.
@@ -51,8 +64,13 @@ from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.runs import RunFolder, load_model, save_model
 
-ADAPT_METHODS: tuple[str, ...] = ("adabn",)
+ADAPT_METHODS: tuple[str, ...] = ("adabn", "self-train")
 """Adaptation methods :func:`adapt_run` knows."""
+
+SELF_TRAIN_DEFAULTS: dict[str, float] = {"epochs": 5, "keep": 0.5, "lr_factor": 0.1}
+"""Self-training: passes over the kept images, share kept per predicted class, learning rate
+as a share of the run's (measured on BCCD: 3-6 passes, keep 0.5-0.8 and lr 1e-4-3e-4 all gave
++2.8 to +3.9 points; docs/robustness.md)."""
 
 MIN_IMAGES = 16
 """Fewer images than this give BatchNorm statistics noisier than the shift they correct."""
@@ -245,6 +263,77 @@ def collect_samples(data: str | Path, layout: str | None = None, layout_options:
         return [Sample(path=p, label="?") for p in collect_images([root])]
 
 
+def confident_selection(probs: np.ndarray, keep: float, allowed: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, labels)``: per predicted class, the ``keep`` share of its images the model is surest of.
+
+    ``probs`` are the teacher's class probabilities; classes outside ``allowed``
+    (the ones the new lab's images cannot be) drop out before the argmax and
+    the rest is renormalised. Every predicted class keeps at least one image,
+    so a class the new lab has little of is not dropped by a global threshold.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise LeukoError(f"keep must be in (0, 1]; got {keep}")
+    cols = np.arange(probs.shape[1]) if allowed is None else np.asarray(sorted(allowed), dtype=int)
+    p = probs[:, cols]
+    p = p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
+    labels, conf = cols[p.argmax(axis=1)], p.max(axis=1)
+    chosen: list[int] = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = max(1, int(round(keep * len(members))))
+        chosen += members[np.argsort(-conf[members], kind="stable")][:k].tolist()
+    idx = np.asarray(sorted(chosen), dtype=int)
+    return idx, labels[idx]
+
+
+def self_train(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    labels: np.ndarray,
+    transform: Any,
+    *,
+    freeze_mode: str,
+    epochs: int,
+    lr: float,
+    batch_size: int = 32,
+    weight_decay: float = 0.01,
+    label_smoothing: float = 0.1,
+    seed: int = 0,
+) -> int:
+    """Fine-tune ``model`` in place on preprocessed ``images`` with pseudo-``labels``; returns the steps taken.
+
+    Batches draw each class equally often (with replacement), so the new
+    lab's majority class does not pull the others toward it; ``transform``
+    is the run's training transform (augmentation included) and
+    ``freeze_mode`` its freeze mode, so what trained in the source run is
+    what adapts here.
+    """
+    import torch.nn.functional as F
+
+    from leuko.models.freeze import freeze
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels, dtype=int)
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    weights /= weights.sum()
+    steps = max(1, epochs * int(np.ceil(len(labels) / batch_size)))
+    model.train()
+    freeze(model, freeze_mode)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        batch = rng.choice(len(labels), size=min(batch_size, max(2, len(labels))), p=weights)
+        x = torch.stack([transform.from_preprocessed(images[i]) for i in batch])
+        y = torch.from_numpy(labels[batch]).long()
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return steps
+
+
 def adapt_run(
     run_dir: str | Path,
     data: str | Path,
@@ -255,6 +344,9 @@ def adapt_run(
     method: str = "adabn",
     layers: str = "trained",
     balance: bool = True,
+    class_map: str | Path | None = None,
+    epochs: int | None = None,
+    keep: float | None = None,
     max_images: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
@@ -266,19 +358,25 @@ def adapt_run(
         data: the new lab's images (a dataset folder, or any folder of images).
         layout: how to read ``data`` (e.g. ``bccd`` crops one cell per box);
             detected, else every image file under it.
-        layers: ``trained`` (the BatchNorm layers training estimated on the
-            source lab, see :func:`trained_batchnorm`) or ``all``.
-        balance: estimate the statistics on a resample whose predicted-class
-            mix is the source training split's (module doc); ``False``: on
-            the images as they come, each once.
+        method: ``adabn`` (re-estimate BatchNorm statistics) or
+            ``self-train`` (fine-tune on confident pseudo-labels; module doc).
+        layers: AdaBN: ``trained`` (the BatchNorm layers training estimated
+            on the source lab, see :func:`trained_batchnorm`) or ``all``.
+        balance: AdaBN: estimate the statistics on a resample whose
+            predicted-class mix is the source training split's (module doc);
+            ``False``: on the images as they come, each once.
+        class_map: self-train: a class map (file or shipped name) whose
+            ``exclude`` lists the classes the new lab's images cannot be.
+        epochs, keep: self-train: passes over the kept images and the share
+            kept per predicted class (:data:`SELF_TRAIN_DEFAULTS`).
         max_images: use a random (seeded) subset of at most this many images.
-        batch_size: images per BatchNorm batch (larger: steadier statistics).
+        batch_size: images per batch (AdaBN: larger gives steadier statistics).
 
     Raises:
         LeukoError: bad arguments, ``out`` exists, too few readable images, a
-            model without BatchNorm.
+            model without BatchNorm (AdaBN).
     """
-    from leuko.infer.backends import ModelInput, iter_batches, sample_loader
+    from leuko.infer.backends import ModelInput
 
     if method not in ADAPT_METHODS:
         raise LeukoError(f"unknown adaptation method {method!r}; known: {', '.join(ADAPT_METHODS)}")
@@ -288,6 +386,12 @@ def adapt_run(
         raise LeukoError(f"batch size must be an integer >= 2 (BatchNorm needs a variance); got {batch_size!r}")
     if max_images is not None and max_images < MIN_IMAGES:
         raise LeukoError(f"--max-images must be at least {MIN_IMAGES}; got {max_images}")
+    if method == "adabn" and (class_map is not None or epochs is not None or keep is not None):
+        raise LeukoError("--class-map, --epochs and --keep are options of --method self-train")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise LeukoError(f"--epochs must be a positive integer; got {epochs!r}")
+    if keep is not None and not 0.0 < keep <= 1.0:
+        raise LeukoError(f"--keep must be a share in (0, 1]; got {keep}")
     run = RunFolder.open(run_dir)
     target = Path(out).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -299,19 +403,60 @@ def adapt_run(
         rng = np.random.default_rng(seed)
         samples = [samples[i] for i in sorted(rng.choice(len(samples), max_images, replace=False))]
     if len(samples) < MIN_IMAGES:
-        raise LeukoError(f"AdaBN needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
+        raise LeukoError(f"adaptation needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
     model, meta = load_model(run.path)
-    if not batchnorm_layers(model):
-        raise LeukoError(f"the model of {run.path} ({meta['model'].get('name')}) has no BatchNorm layer: AdaBN has nothing to adapt")
     from leuko.train.config import load_config
 
-    freeze_mode = load_config(run.config).model.freeze
+    cfg = load_config(run.config)
+    model_input = ModelInput.from_meta(meta["input"])
+    failed: dict[str, str] = {}
+    common = {
+        "method": method,
+        "data": str(Path(data).expanduser().resolve()),
+        "layout": layout,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run.path.resolve()),
+    }
+    if method == "adabn":
+        seen, n_layers, details = _adabn(model, meta, run, cfg.model.freeze, samples, model_input, data, layers=layers,
+                                         balance=balance, batch_size=batch_size, seed=seed, failed=failed, echo=echo)
+    else:
+        seen, n_layers, details = _self_train(model, meta, cfg, samples, model_input, data, class_map=class_map,
+                                              epochs=epochs, keep=keep, seed=seed, failed=failed, echo=echo)
+    adapted = {**common, "n_images": int(seen), **details}
+    if meta.get("review"):
+        review = dict(meta["review"])
+        review["chosen_on"] = f"{review.get('chosen_on', 'the validation split')} of the source lab, before adaptation"
+        meta["review"] = review
+    meta["adapted"] = adapted
+    target.mkdir(parents=True, exist_ok=True)
+    new = RunFolder(target)
+    for name in COPIED_FILES:
+        src = run.path / name
+        if src.is_file():
+            shutil.copy2(src, target / name)
+    save_model(new.model, model, {k: v for k, v in meta.items() if k != "format"})
+    failed_list = sorted(failed.items())
+    new.write_json("adapt.json", {**adapted, "failed": failed_list})
+    return AdaptResult(target, int(seen), n_layers, failed_list, adapted)
+
+
+def _adabn(
+    model: nn.Module, meta: dict[str, Any], run: RunFolder, freeze_mode: str, samples: list[Sample], model_input: Any,
+    data: str | Path, *, layers: str, balance: bool, batch_size: int, seed: int, failed: dict[str, str],
+    echo: Callable[[str], None],
+) -> tuple[int, int, dict[str, Any]]:
+    """AdaBN on ``model`` in place: ``(images seen, layers re-estimated, details for the metadata)``."""
+    from leuko.infer.backends import iter_batches, sample_loader
+
+    if not batchnorm_layers(model):
+        raise LeukoError(f"the model of {run.path} ({meta['model'].get('name')}) has no BatchNorm layer: AdaBN has nothing to adapt")
     if layers == "trained":
         chosen_layers = trained_batchnorm(model, freeze_mode)
         if not chosen_layers:
             raise LeukoError(
                 f"no BatchNorm layer of {run.path.name} was trained (model.freeze={freeze_mode} kept the pretrained "
-                "statistics everywhere); pass --layers all to re-estimate them on the new lab anyway"
+                "statistics everywhere); use --method self-train, or pass --layers all to re-estimate them on the new lab anyway"
             )
     else:
         chosen_layers = [n for n, _ in batchnorm_layers(model)]
@@ -322,9 +467,7 @@ def adapt_run(
                 "Check the adapted run on a labelled sample before using it."
             )
     n_layers = len(chosen_layers)
-    model_input = ModelInput.from_meta(meta["input"])
     load = sample_loader(samples, model_input)
-    failed: dict[str, str] = {}
     rng = np.random.default_rng(seed)
     # equal batches: the cumulative average weights batches, not images, equally
     n_used = len(samples) // batch_size * batch_size if len(samples) >= batch_size else len(samples)
@@ -352,36 +495,73 @@ def adapt_run(
             yield b.x
 
     what = f"a class-balanced resample ({len(chosen)} draws) of" if balance else f"{len(chosen)} images of"
-    echo(f"adapting {run.path.name}: {n_layers} BatchNorm layers on {what} {data} ({method})")
+    echo(f"adapting {run.path.name}: {n_layers} BatchNorm layers on {what} {data} (adabn)")
     seen = adapt_batchnorm(model, batches, layers=chosen_layers)
     if seen < MIN_IMAGES:
         raise LeukoError(f"only {seen} images of {data} could be read; AdaBN needs at least {MIN_IMAGES}")
-    adapted = {
-        "method": method,
-        "data": str(Path(data).expanduser().resolve()),
-        "layout": layout,
-        "n_images": int(seen),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_run": str(run.path.resolve()),
-        "layers": layers,
-        "bn_layers": n_layers,
-        "balance": balance_info,
+    return seen, n_layers, {"layers": layers, "bn_layers": n_layers, "balance": balance_info}
+
+
+def _self_train(
+    model: nn.Module, meta: dict[str, Any], cfg: Any, samples: list[Sample], model_input: Any, data: str | Path, *,
+    class_map: str | Path | None, epochs: int | None, keep: float | None, seed: int, failed: dict[str, str],
+    echo: Callable[[str], None],
+) -> tuple[int, int, dict[str, Any]]:
+    """Pseudo-label self-training of ``model`` in place: ``(images read, 0, details for the metadata)``."""
+    from functools import partial
+
+    from leuko.data.pipeline import decode_sample
+    from leuko.evaluate.calibration import softmax
+    from leuko.infer.backends import run_batches, sample_loader
+    from leuko.infer.predictor import _torch_logits
+    from leuko.train.data import run_transform
+
+    classes = list(meta["classes"])
+    allowed = list(range(len(classes)))
+    excluded: list[str] = []
+    if class_map is not None:
+        from leuko.evaluate.run import ClassMap
+
+        cmap = ClassMap.load(class_map)
+        unknown = sorted(set(cmap.exclude) - set(classes))
+        if unknown:
+            raise LeukoError(f"class map excludes {unknown}, which the model does not have ({classes})")
+        excluded = [c for c in classes if c in cmap.exclude]
+        allowed = [i for i, c in enumerate(classes) if c not in cmap.exclude]
+        if len(allowed) < 2:
+            raise LeukoError("the class map leaves fewer than two classes to self-train on")
+    epochs = int(epochs if epochs is not None else SELF_TRAIN_DEFAULTS["epochs"])
+    keep = float(keep if keep is not None else SELF_TRAIN_DEFAULTS["keep"])
+    lr = float(cfg.train.lr) * SELF_TRAIN_DEFAULTS["lr_factor"]
+    model.eval()
+    rows, logits, bad = run_batches(partial(_torch_logits, model, "cpu"), len(samples), sample_loader(samples, model_input),
+                                    model_input, batch_size=64, tta=True)
+    failed.update((samples[i].key, why) for i, why in bad)
+    if len(rows) < MIN_IMAGES:
+        raise LeukoError(f"only {len(rows)} images of {data} could be read; self-training needs at least {MIN_IMAGES}")
+    probs = softmax(logits, float(meta.get("temperature", 1.0)))
+    idx, labels = confident_selection(probs, keep, allowed)
+    kept = [rows[i] for i in idx]
+    images = [decode_sample(samples[i], model_input.preprocess) for i in kept]
+    found = np.bincount(labels, minlength=len(classes))
+    echo("pseudo-labels kept per class: " + ", ".join(f"{classes[c]} {k}" for c, k in enumerate(found) if k)
+         + (f" (excluded: {', '.join(excluded)})" if excluded else ""))
+    transform = run_transform(cfg.data, model.leuko_info, train=True, seed=seed)  # type: ignore[attr-defined]
+    echo(f"self-training {len(kept)} of {len(rows)} images of {data}: {epochs} passes, lr {lr:g}, freeze {cfg.model.freeze}")
+    steps = self_train(model, images, labels, transform, freeze_mode=cfg.model.freeze, epochs=epochs, lr=lr,
+                       batch_size=min(32, int(cfg.train.batch_size)), weight_decay=float(cfg.train.weight_decay),
+                       label_smoothing=float(cfg.train.label_smoothing), seed=seed)
+    details = {
+        "teacher": "the source model with test-time augmentation",
+        "kept": {classes[c]: int(k) for c, k in enumerate(found) if k},
+        "excluded_classes": excluded,
+        "class_map": str(class_map) if class_map is not None else None,
+        "keep": keep,
+        "epochs": epochs,
+        "steps": steps,
+        "lr": lr,
     }
-    if meta.get("review"):
-        review = dict(meta["review"])
-        review["chosen_on"] = f"{review.get('chosen_on', 'the validation split')} of the source lab, before adaptation"
-        meta["review"] = review
-    meta["adapted"] = adapted
-    target.mkdir(parents=True, exist_ok=True)
-    new = RunFolder(target)
-    for name in COPIED_FILES:
-        src = run.path / name
-        if src.is_file():
-            shutil.copy2(src, target / name)
-    save_model(new.model, model, {k: v for k, v in meta.items() if k != "format"})
-    failed_list = sorted(failed.items())
-    new.write_json("adapt.json", {**adapted, "failed": failed_list})
-    return AdaptResult(target, int(seen), n_layers, failed_list, adapted)
+    return len(rows), 0, details
 
 
 __all__ = [
@@ -393,7 +573,9 @@ __all__ = [
     "balanced_draw",
     "batchnorm_layers",
     "collect_samples",
+    "confident_selection",
     "pseudo_labels",
+    "self_train",
     "source_class_counts",
     "trained_batchnorm",
 ]
