@@ -57,9 +57,9 @@ AUGMENT_PRESETS: dict[str, str] = {
     "cells": "flips and 90-degree rotations, small rotation/scale/shift, "
     "brightness/contrast, hue/saturation and stain-like colour jitter",
     "stain": "cells, with the colour and optics of other labs: strong optical-density stain "
-    "jitter (down to half the stain), hue +-30 degrees, saturation/gamma, low contrast, defocus blur "
-    "or resampling, JPEG artefacts, 10% greyscale, wider scale jitter (for models that must work on "
-    "other labs' slides)",
+    "jitter (down to half the stain), hue +-30 degrees, saturation/gamma, low contrast, blur to a "
+    "random target sharpness (SoftFocus), resampling, JPEG artefacts, 10% greyscale, wider scale "
+    "jitter (for models that must work on other labs' slides)",
 }
 """Augmentation presets by name, with a one-line description (shown by the CLI)."""
 
