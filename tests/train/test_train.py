@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -229,4 +230,6 @@ def test_ddp_two_processes_match_single(tiny_data: Path, tmp_path: Path) -> None
     wa = torch.load(tmp_path / "single" / "model.pt", weights_only=False)["state_dict"]
     wb = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)["state_dict"]
     diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
-    assert diff < 1e-3
+    # both keep epoch 2 (accuracy ties, epoch 2 has the lower loss): two epochs of float drift apart
+    assert [json.loads((tmp_path / r / "summary.json").read_text())["best_epoch"] for r in ("single", "ddp")] == [2, 2]
+    assert diff < 2e-3
