@@ -71,3 +71,22 @@ def test_soft_focus_gives_sharp_and_soft_cells_the_same_sharpness_range() -> Non
     assert max(b) == pytest.approx(detail(soft)) and min(b) < 0.9 * detail(soft)
     with pytest.raises(Exception, match="SoftFocus target"):
         SoftFocus(target=(3.0, 1.0))
+
+
+def test_soft_focus_range_follows_the_input_size() -> None:
+    """``detail`` is per pixel: the same cell at twice the side reads about half as sharp, so the
+    ``stain`` preset's target range halves with it (else a larger input is blurred less, relatively)."""
+    import cv2
+
+    from leuko.data.transforms import SoftFocus, augment_transforms, detail, soft_focus_target
+
+    rng = np.random.default_rng(1)
+    cell = smear(512, 256, 256, 160)
+    cell = cv2.GaussianBlur(np.clip(cell.astype(np.int16) + rng.integers(-30, 31, cell.shape), 0, 255).astype(np.uint8), (0, 0), 2.0)
+    small, large = (cv2.resize(cell, (s, s), interpolation=cv2.INTER_AREA) for s in (128, 256))
+    assert 0.4 < detail(large) / detail(small) < 0.65
+    assert soft_focus_target(128) == (1.2, 5.0) and soft_focus_target(256) == (0.6, 2.5)
+    for size in (128, 256):
+        (focus,) = [op for op in augment_transforms("stain", size) if isinstance(op, SoftFocus)]
+        assert focus.target == soft_focus_target(size)
+    assert not any(isinstance(op, SoftFocus) for op in augment_transforms("cells", 256))

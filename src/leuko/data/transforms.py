@@ -187,13 +187,34 @@ class SoftFocus(A.ImageOnlyTransform):
         return ("target",)
 
 
+SOFT_FOCUS_REF_SIZE = 128
+"""Input side at which the ``stain`` preset's :class:`SoftFocus` range (1.2-5.0) was measured."""
+
+
+def soft_focus_target(image_size: int) -> tuple[float, float]:
+    """:class:`SoftFocus`'s target range for the ``stain`` preset at ``image_size`` px.
+
+    :func:`detail` is per pixel, so the same cell rendered larger reads softer:
+    from 128 to 144 / 160 px every class's median drops by a factor of
+    0.89-0.92 / 0.80-0.85 (PBC and BCCD after ``cell-crop``), about
+    ``128 / image_size``. Scaling the range that way keeps the share of images
+    blurred, and how far, the same at every input size.
+    """
+    f = SOFT_FOCUS_REF_SIZE / float(image_size)
+    return (round(1.2 * f, 3), round(5.0 * f, 3))
+
+
 _BORDER = cv2.BORDER_REFLECT_101
 """Fill for geometric augmentation: continue the smear background rather than
 add black borders, which are a cue that never occurs in real test images."""
 
 
-def augment_transforms(augment: str) -> list[A.BasicTransform]:
-    """The albumentations ops of preset ``augment`` (uint8 in, uint8 out, same size)."""
+def augment_transforms(augment: str, image_size: int = SOFT_FOCUS_REF_SIZE) -> list[A.BasicTransform]:
+    """The albumentations ops of preset ``augment`` (uint8 in, uint8 out, same size).
+
+    ``image_size`` is the side the ops run at; only ``stain`` depends on it
+    (:class:`SoftFocus`'s target sharpness is per pixel, see :func:`soft_focus_target`).
+    """
     check_augment(augment)
     if augment == "none":
         return []
@@ -210,7 +231,7 @@ def augment_transforms(augment: str) -> list[A.BasicTransform]:
             ),
         ]
     if augment == "stain":
-        return _stain_transforms()
+        return _stain_transforms(image_size)
     # "cells": blood cells have no up, down, left or right.
     return [
         A.SquareSymmetry(p=1.0),
@@ -227,7 +248,7 @@ def augment_transforms(augment: str) -> list[A.BasicTransform]:
     ]
 
 
-def _stain_transforms() -> list[A.BasicTransform]:
+def _stain_transforms(image_size: int) -> list[A.BasicTransform]:
     """The ``stain`` preset: what differs between labs, beyond what one lab's slides vary by.
 
     Another lab's smears differ in stain uptake (optical density: strong
@@ -258,7 +279,7 @@ def _stain_transforms() -> list[A.BasicTransform]:
         A.ToGray(p=0.1),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=(-0.45, 0.2), p=0.8),
         A.RandomGamma(gamma_limit=(75, 133), p=0.3),
-        SoftFocus(target=(1.2, 5.0), p=0.7),
+        SoftFocus(target=soft_focus_target(image_size), p=0.7),
         A.Downscale(scale_range=(0.4, 0.8), p=0.15),
         A.ImageCompression(quality_range=(40, 95), p=0.3),
     ]
@@ -297,7 +318,7 @@ class Transform:
         self.normalize = Normalize(mean, std)
         self.mean = self.normalize.mean
         self.std = self.normalize.std
-        ops = augment_transforms(self.augment) if self.train else []
+        ops = augment_transforms(self.augment, self.image_size) if self.train else []
         self._ops = A.Compose(ops, p=1.0) if ops else None
         self.reseed(seed)
 
@@ -394,6 +415,7 @@ __all__ = [
     "Transform",
     "TransformFn",
     "augment_transforms",
+    "soft_focus_target",
     "build_preprocess",
     "build_transforms",
     "check_augment",
