@@ -409,7 +409,7 @@ def evaluate_cmd(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset to evaluate on (default: the run's own)."),
     layout: Optional[str] = LayoutOpt,
     split: str = typer.Option("test", "--split", help="train, val, test (of the run's split) or all."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>, <split>-tta with --tta)."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML/JSON with 'merge' and 'exclude' to match another label set, or a shipped map by name (pbc-to-bccd)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (flips, 90-degree rotation)."),
     margin: Optional[float] = typer.Option(None, help="bccd: crop margin around each WBC box (fraction of its side)."),
@@ -469,8 +469,9 @@ def _print_side_by_side(run_dir: Path, m: dict) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     table = Table(title="in-lab vs new lab", show_edge=False)
     table.add_column("")
-    table.add_column(f"in-lab (held-out test, n={inlab.get('n', '?')})", justify="right")
-    table.add_column(f"new lab (n={m.get('n', '?')})", justify="right")
+    how = lambda tta: ", TTA" if tta else ""  # noqa: E731
+    table.add_column(f"in-lab (held-out test, n={inlab.get('n', '?')}{how(inlab.get('tta'))})", justify="right")
+    table.add_column(f"new lab (n={m.get('n', '?')}{how(m.get('tta'))})", justify="right")
     table.add_column("change", justify="right")
     for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("balanced_accuracy", "balanced acc")):
         a, b = inlab.get(key), m.get(key)

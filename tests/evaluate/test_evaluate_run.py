@@ -85,6 +85,29 @@ def test_evaluate_files_agree(tiny_run: Path, tmp_path: Path) -> None:
         assert rv["flagged"] == pytest.approx(low.mean()) and rv["accepted_accuracy"] == pytest.approx(correct[~low].mean())
 
 
+def test_tta_evaluation_has_its_own_folder_and_in_lab_numbers(tiny_run: Path, tmp_path: Path) -> None:
+    """``--tta`` writes ``RUN/eval/test-tta``: the plain evaluation's numbers stay, and another lab's
+    side-by-side takes the in-lab numbers made the same way (falling back to the other kind)."""
+    import shutil
+
+    plain = evaluate_run(tiny_run, figures=False, echo=lambda s: None)
+    before = (tiny_run / "eval" / "test" / "metrics.json").read_bytes()
+    tta = evaluate_run(tiny_run, tta=True, figures=False, echo=lambda s: None)
+    assert Path(plain["out_dir"]) == tiny_run / "eval" / "test" and Path(tta["out_dir"]) == tiny_run / "eval" / "test-tta"
+    assert (tiny_run / "eval" / "test" / "metrics.json").read_bytes() == before
+    saved = json.loads((tiny_run / "eval" / "test-tta" / "metrics.json").read_text())
+    assert saved["tta"] is True and saved["n"] == plain["n"] == 16
+    lab = tmp_path / "lab"  # the same cells in another folder: "another lab" to evaluate_run
+    shutil.copytree(tiny_run.parent / "cells", lab)
+    for with_tta, ref in ((True, saved), (False, plain)):
+        m = evaluate_run(tiny_run, data=lab, tta=with_tta, figures=False, echo=lambda s: None)
+        assert Path(m["out_dir"]).name == ("lab-test-tta" if with_tta else "lab-test")
+        assert m["in_lab"]["tta"] is with_tta and m["in_lab"]["accuracy"] == pytest.approx(ref["accuracy"])
+    shutil.rmtree(tiny_run / "eval" / "test-tta")  # only the plain one left: it is the fallback
+    m = evaluate_run(tiny_run, data=lab, tta=True, out=tmp_path / "ev", figures=False, echo=lambda s: None)
+    assert m["in_lab"]["tta"] is False and m["in_lab"]["accuracy"] == pytest.approx(plain["accuracy"])
+
+
 def test_class_map_merges_and_excludes_on_another_label_set(tiny_run: Path, tmp_path: Path) -> None:
     # Another "lab": only granulocytes vs lymphocytes, with a model trained on 4 classes.
     lab = tmp_path / "lab"

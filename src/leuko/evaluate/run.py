@@ -111,12 +111,16 @@ def _same_dataset(run_root: str | None, data_root: Path) -> bool:
     return run_root is not None and Path(run_root).resolve() == data_root.resolve()
 
 
-def default_eval_dir(run_dir: str | Path, data: str | Path | None, split: str) -> Path:
-    """Where ``evaluate_run`` writes by default: ``RUN/eval/<split>`` or ``RUN/eval/<dataset>-<split>``.
+def default_eval_dir(run_dir: str | Path, data: str | Path | None, split: str, *, tta: bool = False) -> Path:
+    """Where ``evaluate_run`` writes by default: ``RUN/eval/<split>`` or ``RUN/eval/<dataset>-<split>``,
+    with ``-tta`` appended for a test-time-augmented evaluation.
 
-    Reports and grids look there for an earlier evaluation to reuse.
+    Reports and grids look there for an earlier evaluation to reuse. The TTA
+    folder is separate so that one evaluation never overwrites the other's
+    numbers (the review policy's figures differ between the two).
     """
-    return Path(run_dir) / "eval" / (split if data is None else Path(str(data)).name + f"-{split}")
+    name = split if data is None else Path(str(data)).name + f"-{split}"
+    return Path(run_dir) / "eval" / (name + "-tta" if tta else name)
 
 
 def evaluate_run(
@@ -144,7 +148,7 @@ def evaluate_run(
     from leuko.train.data import prepare_data
 
     run = RunFolder.open(run_dir)
-    out_dir = Path(out) if out is not None else default_eval_dir(run.path, data, split)
+    out_dir = Path(out) if out is not None else default_eval_dir(run.path, data, split, tta=tta)
     if split not in ("train", "val", "test", "all"):
         raise LeukoError(f"--split must be train, val, test or all; got {split!r}")
     cfg = load_config(run.config)
@@ -187,7 +191,7 @@ def evaluate_run(
     if predictor.model_input.preprocess.cell_share is not None:
         metrics["data"]["cell_crop"] = _cell_crop_check(kept, predictor.model_input.preprocess, echo)
     if not own_data:
-        metrics["in_lab"] = in_lab_metrics(run)
+        metrics["in_lab"] = in_lab_metrics(run, tta=tta)
     metrics["class_map"] = {"merge": cmap.merge, "exclude": cmap.exclude, "notes": notes}
     metrics["temperature"] = predictor.temperature
     metrics["tta"] = tta
@@ -239,15 +243,20 @@ IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy"
 """Headline numbers copied from the run's own held-out evaluation for the side-by-side view."""
 
 
-def in_lab_metrics(run: RunFolder) -> dict[str, Any] | None:
-    """The run's held-out test numbers (``RUN/eval/test/metrics.json``, where a plain
-    ``leuko evaluate RUN`` writes them), or ``None`` if never evaluated.
+def in_lab_metrics(run: RunFolder, *, tta: bool = False) -> dict[str, Any] | None:
+    """The run's held-out test numbers (``RUN/eval/test[-tta]/metrics.json``, where a plain
+    ``leuko evaluate RUN [--tta]`` writes them), or ``None`` if never evaluated.
 
     Shown beside another lab's numbers by ``leuko evaluate --data``: a drop
     from one to the other is the domain shift, not a property of either set.
+    The evaluation made the same way (with or without TTA) is preferred; the
+    other is the fallback, and ``tta`` in the result says which it is.
     """
-    path = default_eval_dir(run.path, None, "test") / "metrics.json"
-    if not path.is_file():
+    for with_tta in (tta, not tta):
+        path = default_eval_dir(run.path, None, "test", tta=with_tta) / "metrics.json"
+        if path.is_file():
+            break
+    else:
         return None
     try:
         m = json.loads(path.read_text())
@@ -255,6 +264,7 @@ def in_lab_metrics(run: RunFolder) -> dict[str, Any] | None:
         log.warning("ignoring unreadable %s", path)
         return None
     out = {k: m[k] for k in IN_LAB_KEYS if k in m}
+    out["tta"] = bool(m.get("tta", False))
     out["source"] = (m.get("data") or {}).get("source", str(path))
     out["path"] = str(path)
     return out
