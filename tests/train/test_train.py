@@ -106,6 +106,28 @@ def test_checkpoints_keep_best_by_rule_and_last_every_epoch(tiny_data: Path, tmp
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
+def test_resume_recovers_the_kept_epoch_from_files_when_the_checkpoint_lacks_it(tmp_path: Path) -> None:
+    """A last.ckpt without this callback's state (older runs): the kept epoch comes from best.ckpt and
+    metrics.csv, so a later epoch must beat it by the rule rather than replace it by default."""
+    import torch
+
+    from leuko.train.callbacks import BestAndLastCheckpoint, append_metrics_row, improves
+
+    (tmp_path / "checkpoints").mkdir()
+    for epoch, acc, loss in ((1, 0.80, 0.9), (2, 0.90, 0.40), (3, 0.90, 0.30), (4, 0.85, 0.35)):
+        append_metrics_row(tmp_path / "metrics.csv", {"epoch": epoch, "val_acc": acc, "val_loss": loss})
+    torch.save({"epoch": 2}, tmp_path / "checkpoints" / "best.ckpt")  # Lightning's 0-based epoch: the 3rd
+    cb = BestAndLastCheckpoint(tmp_path / "checkpoints")
+    cb.restore_from_files(tmp_path / "metrics.csv")
+    assert (cb.best_epoch, cb.best_score, cb.best_loss) == (3, pytest.approx(0.90), pytest.approx(0.30))
+    assert not improves(0.90, 0.35, cb.best_score, cb.best_loss) and improves(0.91, 0.5, cb.best_score, cb.best_loss)
+    cb.load_state_dict({"best_score": 0.95, "best_loss": 0.1, "best_epoch": 4})  # a checkpoint's own state wins
+    assert cb.best_epoch == 4
+    fresh = BestAndLastCheckpoint(tmp_path / "none")
+    fresh.restore_from_files(tmp_path / "metrics.csv")  # no best.ckpt: nothing to recover
+    assert fresh.best_epoch is None and fresh.best_score is None
+
+
 def test_same_seed_same_metrics(tiny_data: Path, tmp_path: Path) -> None:
     a = tmp_path / "a"
     b = tmp_path / "b"

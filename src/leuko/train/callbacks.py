@@ -117,6 +117,28 @@ class BestAndLastCheckpoint(pl.Callback):
         if not self.monitor.startswith("val_"):
             self._save(trainer)
 
+    def restore_from_files(self, metrics_csv: Path) -> None:
+        """Recover the kept epoch from ``best.ckpt`` and its row of ``metrics.csv``.
+
+        For resuming from a ``last.ckpt`` that carries no state of this
+        callback (written before it existed, by Lightning's ``ModelCheckpoint``):
+        without it the first epoch after resuming would count as an
+        improvement and replace a better ``best.ckpt``. A checkpoint that does
+        carry the state overrides this (Lightning calls :meth:`load_state_dict`
+        after it).
+        """
+        import torch
+
+        if not self.best_path.is_file() or not Path(metrics_csv).is_file():
+            return
+        epoch = int(torch.load(self.best_path, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
+        with open(metrics_csv, newline="") as fh:
+            row = next((r for r in csv.DictReader(fh) if r.get("epoch") == str(epoch)), None)
+        if row is None or not row.get(self.monitor):
+            return
+        self.best_score, self.best_epoch = float(row[self.monitor]), epoch
+        self.best_loss = float(row[self.tiebreak]) if row.get(self.tiebreak) else None
+
     def state_dict(self) -> dict[str, Any]:
         return {"best_score": self.best_score, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
 
