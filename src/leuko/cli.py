@@ -603,6 +603,7 @@ def adapt_cmd(
     class_map: Optional[str] = typer.Option(None, "--class-map", help="self-train: a class map (file or shipped name, e.g. pbc-to-bccd) whose 'exclude' lists classes the new lab's images cannot be."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="self-train: passes over the kept images (default 5)."),
     keep: Optional[float] = typer.Option(None, "--keep", help="self-train: share of each predicted class kept, most confident first (default 0.5)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the GPU when there is one)."),
 ) -> None:
     """Adapt a model to a new lab's images, no labels: AdaBN or self-training; writes a new run folder."""
     from leuko.train.adapt import adapt_run
@@ -610,7 +611,7 @@ def adapt_cmd(
     options = {"margin": margin} if margin is not None else None
     res = adapt_run(run_dir, data, out, layout=layout, layout_options=options, method=method, layers=layers,
                     max_images=max_images, batch_size=batch_size, balance=balance, class_map=class_map, epochs=epochs,
-                    keep=keep, echo=console.print)
+                    keep=keep, device=device, echo=console.print)
     for key, reason in res.failed:
         err_console.print(f"[yellow]skipped[/] {key}: {reason}", highlight=False, soft_wrap=True)
     if res.adapted["method"] == "adabn":

@@ -301,6 +301,12 @@ def test_self_train_fine_tunes_what_trained_and_never_an_excluded_class(lab: tup
         adapt_run(run, new, tmp_path / "x", layout="folder", keep=0.5, echo=lambda s: None)
     with pytest.raises(LeukoError, match="--keep must be"):
         adapt_run(run, new, tmp_path / "y", layout="folder", method="self-train", keep=1.5, echo=lambda s: None)
+    with pytest.raises(LeukoError, match="--device must be cpu or cuda"):
+        adapt_run(run, new, tmp_path / "d", layout="folder", method="self-train", device="tpu", echo=lambda s: None)
+    if not torch.cuda.is_available():
+        with pytest.raises(LeukoError, match="no CUDA GPU"):
+            adapt_run(run, new, tmp_path / "d", layout="folder", method="self-train", device="cuda", echo=lambda s: None)
+    assert not (tmp_path / "d").exists()  # nothing written for a refused device
     with pytest.raises(LeukoError, match="does not have"):
         bad = tmp_path / "bad.yaml"
         bad.write_text("exclude: [platelet]\n")

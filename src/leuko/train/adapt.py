@@ -222,7 +222,8 @@ class AdaptResult:
 
 @torch.no_grad()
 def pseudo_labels(
-    model: nn.Module, samples: Sequence[Sample], model_input: Any, batch_size: int, failed: dict[str, str]
+    model: nn.Module, samples: Sequence[Sample], model_input: Any, batch_size: int, failed: dict[str, str],
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, list[int]]:
     """``(predicted class per readable image, their indices into samples)`` from the unadapted model.
 
@@ -235,7 +236,7 @@ def pseudo_labels(
 
     model.eval()
     rows, logits, bad = run_batches(
-        partial(_torch_logits, model, "cpu"), len(samples), sample_loader(samples, model_input), model_input, batch_size=batch_size
+        partial(_torch_logits, model, device), len(samples), sample_loader(samples, model_input), model_input, batch_size=batch_size
     )
     failed.update((samples[i].key, why) for i, why in bad)
     return (logits.argmax(1) if len(rows) else np.zeros(0, dtype=int)), rows
@@ -299,6 +300,7 @@ def self_train(
     weight_decay: float = 0.01,
     label_smoothing: float = 0.1,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> int:
     """Fine-tune ``model`` in place on preprocessed ``images`` with pseudo-``labels``; returns the steps taken.
 
@@ -306,7 +308,7 @@ def self_train(
     lab's majority class does not pull the others toward it; ``transform``
     is the run's training transform (augmentation included) and
     ``freeze_mode`` its freeze mode, so what trained in the source run is
-    what adapts here.
+    what adapts here. ``model`` must already be on ``device``.
     """
     import torch.nn.functional as F
 
@@ -324,8 +326,8 @@ def self_train(
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         batch = rng.choice(len(labels), size=min(batch_size, max(2, len(labels))), p=weights)
-        x = torch.stack([transform.from_preprocessed(images[i]) for i in batch])
-        y = torch.from_numpy(labels[batch]).long()
+        x = torch.stack([transform.from_preprocessed(images[i]) for i in batch]).to(device)
+        y = torch.from_numpy(labels[batch]).long().to(device)
         loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -350,6 +352,7 @@ def adapt_run(
     max_images: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    device: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> AdaptResult:
     """Adapt the model of ``run_dir`` to the images in ``data``; write the adapted run to ``out``.
@@ -371,6 +374,8 @@ def adapt_run(
             kept per predicted class (:data:`SELF_TRAIN_DEFAULTS`).
         max_images: use a random (seeded) subset of at most this many images.
         batch_size: images per batch (AdaBN: larger gives steadier statistics).
+        device: ``cpu``, ``cuda`` or ``None`` (the GPU when there is one) for
+            the teacher's predictions, AdaBN's pass and self-training.
 
     Raises:
         LeukoError: bad arguments, ``out`` exists, too few readable images, a
@@ -392,6 +397,7 @@ def adapt_run(
         raise LeukoError(f"--epochs must be a positive integer; got {epochs!r}")
     if keep is not None and not 0.0 < keep <= 1.0:
         raise LeukoError(f"--keep must be a share in (0, 1]; got {keep}")
+    dev = _device(device)
     run = RunFolder.open(run_dir)
     target = Path(out).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -405,6 +411,7 @@ def adapt_run(
     if len(samples) < MIN_IMAGES:
         raise LeukoError(f"adaptation needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
     model, meta = load_model(run.path)
+    model.to(dev)
     from leuko.train.config import load_config
 
     cfg = load_config(run.config)
@@ -419,10 +426,10 @@ def adapt_run(
     }
     if method == "adabn":
         seen, n_layers, details = _adabn(model, meta, run, cfg.model.freeze, samples, model_input, data, layers=layers,
-                                         balance=balance, batch_size=batch_size, seed=seed, failed=failed, echo=echo)
+                                         balance=balance, batch_size=batch_size, seed=seed, failed=failed, echo=echo, device=dev)
     else:
         seen, n_layers, details = _self_train(model, meta, cfg, samples, model_input, data, class_map=class_map,
-                                              epochs=epochs, keep=keep, seed=seed, failed=failed, echo=echo)
+                                              epochs=epochs, keep=keep, seed=seed, failed=failed, echo=echo, device=dev)
     adapted = {**common, "n_images": int(seen), **details}
     if meta.get("review"):
         review = dict(meta["review"])
@@ -435,16 +442,27 @@ def adapt_run(
         src = run.path / name
         if src.is_file():
             shutil.copy2(src, target / name)
-    save_model(new.model, model, {k: v for k, v in meta.items() if k != "format"})
+    save_model(new.model, model.cpu(), {k: v for k, v in meta.items() if k != "format"})
     failed_list = sorted(failed.items())
     new.write_json("adapt.json", {**adapted, "failed": failed_list})
     return AdaptResult(target, int(seen), n_layers, failed_list, adapted)
 
 
+def _device(device: str | None) -> torch.device:
+    """``cpu``/``cuda``/``None`` (the GPU when there is one) -> a torch device; a clear error for an unusable one."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise LeukoError(f"--device must be cpu or cuda; got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LeukoError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return torch.device(device)
+
+
 def _adabn(
     model: nn.Module, meta: dict[str, Any], run: RunFolder, freeze_mode: str, samples: list[Sample], model_input: Any,
     data: str | Path, *, layers: str, balance: bool, batch_size: int, seed: int, failed: dict[str, str],
-    echo: Callable[[str], None],
+    echo: Callable[[str], None], device: torch.device,
 ) -> tuple[int, int, dict[str, Any]]:
     """AdaBN on ``model`` in place: ``(images seen, layers re-estimated, details for the metadata)``."""
     from leuko.infer.backends import iter_batches, sample_loader
@@ -473,7 +491,7 @@ def _adabn(
     n_used = len(samples) // batch_size * batch_size if len(samples) >= batch_size else len(samples)
     balance_info: dict[str, Any] | None = None
     if balance:
-        pseudo, readable = pseudo_labels(model, samples, model_input, batch_size, failed)
+        pseudo, readable = pseudo_labels(model, samples, model_input, batch_size, failed, device=device)
         if len(readable) < MIN_IMAGES:
             raise LeukoError(f"only {len(readable)} images of {data} could be read; AdaBN needs at least {MIN_IMAGES}")
         classes = list(meta["classes"])
@@ -496,7 +514,7 @@ def _adabn(
 
     what = f"a class-balanced resample ({len(chosen)} draws) of" if balance else f"{len(chosen)} images of"
     echo(f"adapting {run.path.name}: {n_layers} BatchNorm layers on {what} {data} (adabn)")
-    seen = adapt_batchnorm(model, batches, layers=chosen_layers)
+    seen = adapt_batchnorm(model, batches, layers=chosen_layers, device=device)
     if seen < MIN_IMAGES:
         raise LeukoError(f"only {seen} images of {data} could be read; AdaBN needs at least {MIN_IMAGES}")
     return seen, n_layers, {"layers": layers, "bn_layers": n_layers, "balance": balance_info}
@@ -505,7 +523,7 @@ def _adabn(
 def _self_train(
     model: nn.Module, meta: dict[str, Any], cfg: Any, samples: list[Sample], model_input: Any, data: str | Path, *,
     class_map: str | Path | None, epochs: int | None, keep: float | None, seed: int, failed: dict[str, str],
-    echo: Callable[[str], None],
+    echo: Callable[[str], None], device: torch.device,
 ) -> tuple[int, int, dict[str, Any]]:
     """Pseudo-label self-training of ``model`` in place: ``(images read, 0, details for the metadata)``."""
     from functools import partial
@@ -534,7 +552,7 @@ def _self_train(
     keep = float(keep if keep is not None else SELF_TRAIN_DEFAULTS["keep"])
     lr = float(cfg.train.lr) * SELF_TRAIN_DEFAULTS["lr_factor"]
     model.eval()
-    rows, logits, bad = run_batches(partial(_torch_logits, model, "cpu"), len(samples), sample_loader(samples, model_input),
+    rows, logits, bad = run_batches(partial(_torch_logits, model, device), len(samples), sample_loader(samples, model_input),
                                     model_input, batch_size=64, tta=True)
     failed.update((samples[i].key, why) for i, why in bad)
     if len(rows) < MIN_IMAGES:
@@ -550,7 +568,7 @@ def _self_train(
     echo(f"self-training {len(kept)} of {len(rows)} images of {data}: {epochs} passes, lr {lr:g}, freeze {cfg.model.freeze}")
     steps = self_train(model, images, labels, transform, freeze_mode=cfg.model.freeze, epochs=epochs, lr=lr,
                        batch_size=min(32, int(cfg.train.batch_size)), weight_decay=float(cfg.train.weight_decay),
-                       label_smoothing=float(cfg.train.label_smoothing), seed=seed)
+                       label_smoothing=float(cfg.train.label_smoothing), seed=seed, device=device)
     details = {
         "teacher": "the source model with test-time augmentation",
         "kept": {classes[c]: int(k) for c, k in enumerate(found) if k},
