@@ -11,7 +11,7 @@ from test_cell_crop import smear
 
 
 def spread(augment: str, image: np.ndarray, n: int = 60) -> tuple[np.ndarray, float]:
-    """Std over augmented copies of each LAB statistic, and the mean sharpness (Laplacian variance) ratio."""
+    """Std over augmented copies of each LAB statistic, and the std of log sharpness (Laplacian variance)."""
     import cv2
 
     t = build_transforms(64, train=True, augment=augment, mean=(0.5,) * 3, std=(0.25,) * 3, seed=0)
@@ -21,8 +21,7 @@ def spread(augment: str, image: np.ndarray, n: int = 60) -> tuple[np.ndarray, fl
         assert out.shape == image.shape and out.dtype == np.uint8
         stats.append(lab_stats(out))
         sharp.append(cv2.Laplacian(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
-    base = cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
-    return np.array(stats).std(axis=0), float(np.mean(sharp) / base)
+    return np.array(stats).std(axis=0), float(np.std(np.log(sharp)))
 
 
 def test_stain_preset_varies_colour_and_focus_more_than_cells() -> None:
@@ -32,7 +31,7 @@ def test_stain_preset_varies_colour_and_focus_more_than_cells() -> None:
     assert stain[0] > 1.5 * cells[0]  # lightness mean (stain uptake, brightness)
     assert stain[3] > 1.5 * cells[3]  # lightness spread (contrast)
     assert stain[1] + stain[2] > 1.2 * (cells[1] + cells[2])  # colour (a, b)
-    assert stain_sharp < 0.9 * cells_sharp  # defocus and resampling soften images on average
+    assert stain_sharp > 1.5 * cells_sharp  # focus moves both ways (SoftFocus), and resampling
 
 
 def test_stain_preset_is_seeded() -> None:
@@ -90,3 +89,27 @@ def test_soft_focus_range_follows_the_input_size() -> None:
         (focus,) = [op for op in augment_transforms("stain", size) if isinstance(op, SoftFocus)]
         assert focus.target == soft_focus_target(size)
     assert not any(isinstance(op, SoftFocus) for op in augment_transforms("cells", 256))
+
+
+def test_soft_focus_sharpens_soft_cells_up_to_the_target_when_asked() -> None:
+    """With ``sharpen``, a cell softer than the drawn target is raised to it (capped by the amount), so
+    the soft class stops being the only one that is soft in every draw."""
+    import cv2
+
+    from leuko.data.transforms import SoftFocus, detail
+
+    rng = np.random.default_rng(2)
+    cell = smear(128, 64, 64, 40)
+    cell = np.clip(cell.astype(np.int16) + rng.integers(-25, 26, cell.shape), 0, 255).astype(np.uint8)
+    soft = cv2.GaussianBlur(cell, (0, 0), 1.2)
+    d0 = detail(soft)
+    keep = SoftFocus(target=(1.0, 4.0), p=1.0)
+    assert np.array_equal(keep.apply(soft, goal=1.5 * d0), soft)  # blur-only: a softer image is left alone
+    up = SoftFocus(target=(1.0, 4.0), sharpen=3.0, p=1.0)
+    raised = up.apply(soft, goal=1.5 * d0)
+    assert 0.9 * 1.5 * d0 <= detail(raised) <= 1.5 * d0  # 7 bisection steps: at most the goal
+    capped = up.apply(soft, goal=50.0)  # out of reach: the largest amount, no more
+    assert 1.5 * d0 < detail(capped) < 50.0
+    assert up.apply(soft, goal=0.5 * d0).shape == soft.shape and detail(up.apply(soft, goal=0.5 * d0)) <= 0.5 * d0
+    with pytest.raises(Exception, match="sharpen"):
+        SoftFocus(sharpen=-1.0)

@@ -57,7 +57,7 @@ AUGMENT_PRESETS: dict[str, str] = {
     "cells": "flips and 90-degree rotations, small rotation/scale/shift, "
     "brightness/contrast, hue/saturation and stain-like colour jitter",
     "stain": "cells, with the colour and optics of other labs: strong optical-density stain "
-    "jitter (down to half the stain), hue +-30 degrees, saturation/gamma, low contrast, blur to a "
+    "jitter (down to half the stain), hue +-30 degrees, saturation/gamma, low contrast, blur or sharpen to a "
     "random target sharpness (SoftFocus), resampling, JPEG artefacts, 10% greyscale, wider scale "
     "jitter (for models that must work on other labs' slides)",
 }
@@ -151,29 +151,42 @@ class SoftFocus(A.ImageOnlyTransform):
     cells platelets (their accuracy after the class map: 58%, the rest 84%).
     A blur of random strength (the usual augmentation) keeps the ordering of
     the classes; drawing a *target* sharpness and blurring each image down to
-    it (images already softer are left alone) gives every class the same
-    range.
+    it gives every class the same range. Images softer than the target are
+    left alone, or with ``sharpen`` > 0 sharpened up to it (an unsharp mask
+    of at most that amount): blurring alone leaves the soft class (platelets)
+    soft in every draw while the others are soft only sometimes, so softness
+    stays a platelet cue; raising soft images as well makes every class's
+    sharpness follow the drawn target.
 
     Args:
         target: range the target :func:`detail` is drawn from, in grey levels.
+        sharpen: largest unsharp-mask amount for images softer than the
+            target (0: never sharpen); the detail it adds is about 0.4 x amount x the
+            image's own (3: a platelet from 2.0 to up to 4.4).
         p: probability of applying.
     """
 
     _MAX_SIGMA = 6.0
 
-    def __init__(self, target: tuple[float, float] = (1.2, 5.0), p: float = 0.7) -> None:
+    def __init__(self, target: tuple[float, float] = (1.2, 5.0), sharpen: float = 0.0, p: float = 0.7) -> None:
         super().__init__(p=p)
         lo, hi = (float(v) for v in target)
         if not 0.0 < lo <= hi:
             raise LeukoError(f"SoftFocus target must be a range (low, high) with 0 < low <= high; got {target!r}")
+        if not 0.0 <= float(sharpen) <= 10.0:
+            raise LeukoError(f"SoftFocus sharpen must be between 0 and 10; got {sharpen!r}")
         self.target = (lo, hi)
+        self.sharpen = float(sharpen)
 
     def get_params(self) -> dict[str, Any]:
         return {"goal": float(self.random_generator.uniform(*self.target))}
 
     def apply(self, img: np.ndarray, goal: float | None = None, **params: Any) -> np.ndarray:
-        if goal is None or detail(img) <= goal:
+        if goal is None:
             return img
+        now = detail(img)
+        if now <= goal:
+            return self._sharpen(img, goal) if self.sharpen > 0 and now < goal else img
         lo, hi = 0.0, self._MAX_SIGMA  # detail falls monotonically with sigma: bisect
         for _ in range(7):
             mid = (lo + hi) / 2
@@ -183,8 +196,27 @@ class SoftFocus(A.ImageOnlyTransform):
                 hi = mid
         return cv2.GaussianBlur(img, (0, 0), hi)
 
+    def _sharpen(self, img: np.ndarray, goal: float) -> np.ndarray:
+        """Unsharp mask (the detail band :func:`detail` measures, amplified) up to ``goal``, amount <= ``sharpen``."""
+        x = img.astype(np.float32)
+        band = x - cv2.GaussianBlur(x, (0, 0), 1.0)
+
+        def out(amount: float) -> np.ndarray:
+            return np.clip(x + amount * band, 0, 255).astype(np.uint8)
+
+        if detail(out(self.sharpen)) <= goal:
+            return out(self.sharpen)
+        lo, hi = 0.0, self.sharpen  # detail rises monotonically with the amount: bisect
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            if detail(out(mid)) < goal:
+                lo = mid
+            else:
+                hi = mid
+        return out(lo)
+
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("target",)
+        return ("target", "sharpen")
 
 
 SOFT_FOCUS_REF_SIZE = 128
@@ -254,8 +286,8 @@ def _stain_transforms(image_size: int) -> list[A.BasicTransform]:
     Another lab's smears differ in stain uptake (optical density: strong
     :class:`StainJitter`), in the camera's white balance and gamma, in focus
     and optics (BCCD's fields are softer and lower in contrast than PBC's:
-    :class:`SoftFocus` to a random sharpness, so that softness stops meaning
-    "platelet"; resampling; contrast *reduction* weighted more than increase), in
+    :class:`SoftFocus` blurs sharp images and sharpens soft ones to a random
+    sharpness, so that softness stops meaning "platelet"; resampling; contrast *reduction* weighted more than increase), in
     JPEG compression, and in how tightly a cell fills the crop even after
     ``cell-crop`` (scale 0.85-1.2). Stain density moves down to about half
     (BCCD's nuclei are pale lavender where PBC's are near black, and a
@@ -279,7 +311,7 @@ def _stain_transforms(image_size: int) -> list[A.BasicTransform]:
         A.ToGray(p=0.1),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=(-0.45, 0.2), p=0.8),
         A.RandomGamma(gamma_limit=(75, 133), p=0.3),
-        SoftFocus(target=soft_focus_target(image_size), p=0.7),
+        SoftFocus(target=soft_focus_target(image_size), sharpen=3.0, p=0.8),
         A.Downscale(scale_range=(0.4, 0.8), p=0.15),
         A.ImageCompression(quality_range=(40, 95), p=0.3),
     ]
