@@ -277,6 +277,21 @@ def test_confident_selection_keeps_the_surest_share_of_each_predicted_class() ->
         confident_selection(probs, 0.0)
 
 
+def test_self_training_draws_classes_by_the_square_root_of_their_size() -> None:
+    """Two pseudo-labels of a rare class must not be drawn as often as a hundred of the majority."""
+    from leuko.train.adapt import draw_weights
+
+    labels = np.array([0] * 2 + [1] * 18 + [2] * 98)
+    w = draw_weights(labels)
+    assert w.sum() == pytest.approx(1.0) and (w > 0).all()
+    share = np.array([w[labels == c].sum() for c in range(3)])
+    assert share == pytest.approx(np.sqrt([2, 18, 98]) / np.sqrt([2, 18, 98]).sum())  # about 0.09, 0.28, 0.63
+    assert share[0] < 0.1 < 1 / 3  # equal drawing would give the 2 images a third of all draws
+    assert np.allclose([w[labels == c].std() for c in range(3)], 0.0)  # images of a class alike
+    assert draw_weights(labels, power=0.0)[labels == 0].sum() == pytest.approx(1 / 3)
+    assert draw_weights(labels, power=1.0)[labels == 0].sum() == pytest.approx(2 / 118)
+
+
 def test_self_train_fine_tunes_what_trained_and_never_an_excluded_class(lab: tuple[Path, Path, Path], tmp_path: Path) -> None:
     run, _, new = lab
     cmap = tmp_path / "no-neutrophil.yaml"
