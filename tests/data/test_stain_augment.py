@@ -113,3 +113,11 @@ def test_soft_focus_sharpens_soft_cells_up_to_the_target_when_asked() -> None:
     assert up.apply(soft, goal=0.5 * d0).shape == soft.shape and detail(up.apply(soft, goal=0.5 * d0)) <= 0.5 * d0
     with pytest.raises(Exception, match="sharpen"):
         SoftFocus(sharpen=-1.0)
+
+
+def test_every_preset_has_a_version_and_stain_is_at_v4() -> None:
+    """Runs record the preset's version (data.json); a preset without one would record None."""
+    from leuko.data.transforms import AUGMENT_PRESETS, AUGMENT_VERSIONS
+
+    assert set(AUGMENT_VERSIONS) == set(AUGMENT_PRESETS)
+    assert AUGMENT_VERSIONS["stain"] == 4  # raise it with any change to _stain_transforms

@@ -214,7 +214,17 @@ def test_resume_after_kill(tiny_data: Path, tmp_path: Path) -> None:
     done_before = len(read_metrics(out))
     assert 1 <= done_before < 8, "the run should have been killed mid-way"
     assert not (out / "model.pt").exists()
-    result = train(None, out, resume=True, echo=lambda s: None)
+    from leuko.data.transforms import AUGMENT_VERSIONS
+
+    summary = json.loads((out / "data.json").read_text())
+    preset = summary["augment"]["preset"]
+    assert summary["augment"] == {"preset": preset, "version": AUGMENT_VERSIONS[preset]}
+    summary["augment"]["version"] = 0  # as if this leuko's preset had changed since the run started
+    (out / "data.json").write_text(json.dumps(summary))
+    lines: list[str] = []
+    result = train(None, out, resume=True, echo=lines.append)
+    warned = f"started with the {preset!r} augmentation v0; this leuko has v{AUGMENT_VERSIONS[preset]}"
+    assert any(warned in line for line in lines), lines
     rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
     assert result.epochs_run == 8 and (out / "model.pt").is_file()

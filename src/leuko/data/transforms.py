@@ -63,6 +63,15 @@ AUGMENT_PRESETS: dict[str, str] = {
 }
 """Augmentation presets by name, with a one-line description (shown by the CLI)."""
 
+AUGMENT_VERSIONS: dict[str, int] = {"none": 1, "study": 1, "cells": 1, "stain": 4}
+"""Version of each preset's ops, raised whenever they change (a config names a preset, not its ops).
+
+``stain``: 1 the first stain jitter, 2 stronger density jitter and blur, 3
+``SoftFocus`` (blur to a target sharpness), 4 ``SoftFocus`` sharpens too.
+A run records the version it trained with (``data.json``), so a resumed or
+re-run config can say when today's preset is not the one its numbers came from.
+"""
+
 
 # --------------------------------------------------------------------------- #
 # Argument validation (once, at the boundary, naming the argument)
@@ -440,6 +449,7 @@ TransformFn = Callable[[np.ndarray], Any]
 
 __all__ = [
     "AUGMENT_PRESETS",
+    "AUGMENT_VERSIONS",
     "PREPROCESS_STEPS",
     "Normalize",
     "Preprocess",

@@ -89,6 +89,23 @@ def global_rank() -> int:
     return 0
 
 
+def _augment_record(augment: str) -> dict[str, Any]:
+    """What ``data.json`` keeps of the augmentation: the preset and the version of its ops."""
+    from leuko.data.transforms import AUGMENT_VERSIONS
+
+    return {"preset": augment, "version": AUGMENT_VERSIONS.get(augment)}
+
+
+def _check_augment_version(run: RunFolder, augment: str, echo: Callable[[str], None]) -> None:
+    """Warn when a resumed run's remaining epochs will use other augmentation ops than its first ones."""
+    before = run.read_json("data.json").get("augment") if run.data.is_file() else None
+    now = _augment_record(augment)
+    if before != now:
+        was = f"v{before['version']}" if before else "an unrecorded version"
+        echo(f"warning: this run started with the {augment!r} augmentation {was}; this leuko has v{now['version']}, "
+             "which the resumed epochs use")
+
+
 def _wait_for(path: Path, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -213,7 +230,9 @@ def train(
         run.config.write_text(resolved.to_yaml())
         data.split.save(run.split)
         run.write_json("classes.json", data.classes)
-        run.write_json("data.json", data.summary())
+        run.write_json("data.json", {**data.summary(), "augment": _augment_record(cfg.data.augment)})
+    if resume and rank == 0:
+        _check_augment_version(run, cfg.data.augment, echo)
     handler = _setup_logging(run) if rank == 0 else logging.NullHandler()
     try:
         counts = data.summary()["counts"]
