@@ -223,7 +223,7 @@ def test_resume_after_kill(tiny_data: Path, tmp_path: Path) -> None:
     (out / "data.json").write_text(json.dumps(summary))
     lines: list[str] = []
     result = train(None, out, resume=True, echo=lines.append)
-    warned = f"started with the {preset!r} augmentation v0; this leuko has v{AUGMENT_VERSIONS[preset]}"
+    warned = f"started with the {preset!r} augmentation v0; the resumed epochs use {preset!r} v{AUGMENT_VERSIONS[preset]}"
     assert any(warned in line for line in lines), lines
     rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))

@@ -224,13 +224,15 @@ class AdaptResult:
 
 
 @torch.no_grad()
-def pseudo_labels(
+def teacher_logits(
     model: nn.Module, samples: Sequence[Sample], model_input: Any, batch_size: int, failed: dict[str, str],
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", *, tta: bool = False,
 ) -> tuple[np.ndarray, list[int]]:
-    """``(predicted class per readable image, their indices into samples)`` from the unadapted model.
+    """``(logits per readable image, their indices into samples)`` from the unadapted model.
 
-    Unreadable images are recorded in ``failed`` and left out.
+    The one pass over the new lab's images both methods start from (AdaBN's
+    class balance, self-training's pseudo-labels). Unreadable images are
+    recorded in ``failed`` and left out.
     """
     from functools import partial
 
@@ -239,9 +241,19 @@ def pseudo_labels(
 
     model.eval()
     rows, logits, bad = run_batches(
-        partial(_torch_logits, model, device), len(samples), sample_loader(samples, model_input), model_input, batch_size=batch_size
+        partial(_torch_logits, model, device), len(samples), sample_loader(samples, model_input), model_input,
+        batch_size=batch_size, tta=tta,
     )
     failed.update((samples[i].key, why) for i, why in bad)
+    return logits, rows
+
+
+def pseudo_labels(
+    model: nn.Module, samples: Sequence[Sample], model_input: Any, batch_size: int, failed: dict[str, str],
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, list[int]]:
+    """``(predicted class per readable image, their indices into samples)`` from the unadapted model."""
+    logits, rows = teacher_logits(model, samples, model_input, batch_size, failed, device)
     return (logits.argmax(1) if len(rows) else np.zeros(0, dtype=int)), rows
 
 
@@ -547,12 +559,8 @@ def _self_train(
     echo: Callable[[str], None], device: torch.device,
 ) -> tuple[int, int, dict[str, Any]]:
     """Pseudo-label self-training of ``model`` in place: ``(images read, 0, details for the metadata)``."""
-    from functools import partial
-
     from leuko.data.pipeline import decode_sample
     from leuko.evaluate.calibration import softmax
-    from leuko.infer.backends import run_batches, sample_loader
-    from leuko.infer.predictor import _torch_logits
     from leuko.train.data import run_transform
 
     classes = list(meta["classes"])
@@ -572,10 +580,7 @@ def _self_train(
     epochs = int(epochs if epochs is not None else SELF_TRAIN_DEFAULTS["epochs"])
     keep = float(keep if keep is not None else SELF_TRAIN_DEFAULTS["keep"])
     lr = float(cfg.train.lr) * SELF_TRAIN_DEFAULTS["lr_factor"]
-    model.eval()
-    rows, logits, bad = run_batches(partial(_torch_logits, model, device), len(samples), sample_loader(samples, model_input),
-                                    model_input, batch_size=64, tta=True)
-    failed.update((samples[i].key, why) for i, why in bad)
+    logits, rows = teacher_logits(model, samples, model_input, 64, failed, device, tta=True)
     if len(rows) < MIN_IMAGES:
         raise LeukoError(f"only {len(rows)} images of {data} could be read; self-training needs at least {MIN_IMAGES}")
     probs = softmax(logits, float(meta.get("temperature", 1.0)))
@@ -617,5 +622,6 @@ __all__ = [
     "pseudo_labels",
     "self_train",
     "source_class_counts",
+    "teacher_logits",
     "trained_batchnorm",
 ]

@@ -124,8 +124,8 @@ class BestAndLastCheckpoint(pl.Callback):
         callback (written before it existed, by Lightning's ``ModelCheckpoint``):
         without it the first epoch after resuming would count as an
         improvement and replace a better ``best.ckpt``. A checkpoint that does
-        carry the state overrides this (Lightning calls :meth:`load_state_dict`
-        after it).
+        carry the state needs none of this (Lightning calls
+        :meth:`load_state_dict` with it).
         """
         import torch
 

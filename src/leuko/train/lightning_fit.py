@@ -130,7 +130,8 @@ def fit_lightning(
         except (KeyError, TypeError):
             done = int(state.get("epoch", -1)) + 1
         truncate_metrics(run.metrics, done)
-        ckpt.restore_from_files(run.metrics)  # a checkpoint with the callback's own state overrides it
+        if ckpt.state_key not in (state.get("callbacks") or {}):  # written before this callback existed
+            ckpt.restore_from_files(run.metrics)
         echo(f"resuming from {run.last_ckpt} (epoch {done} of {cfg.train.epochs})")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -101,9 +101,8 @@ def _check_augment_version(run: RunFolder, augment: str, echo: Callable[[str], N
     before = run.read_json("data.json").get("augment") if run.data.is_file() else None
     now = _augment_record(augment)
     if before != now:
-        was = f"v{before['version']}" if before else "an unrecorded version"
-        echo(f"warning: this run started with the {augment!r} augmentation {was}; this leuko has v{now['version']}, "
-             "which the resumed epochs use")
+        was = f"the {before['preset']!r} augmentation v{before['version']}" if before else f"an unrecorded version of {augment!r}"
+        echo(f"warning: this run started with {was}; the resumed epochs use {augment!r} v{now['version']} (this leuko's)")
 
 
 def _wait_for(path: Path, timeout: float = 120.0) -> None:
