@@ -87,7 +87,7 @@ def test_checkpoints_keep_best_by_rule_and_last_every_epoch(tiny_data: Path, tmp
     """best.ckpt is the metrics file's best epoch (accuracy, ties to the lower loss); last.ckpt the final epoch."""
     import torch
 
-    from leuko.train.callbacks import improves
+    from leuko.train.callbacks import BestAndLastCheckpoint, improves
 
     out = tmp_path / "run"
     over = [a for a in TINY if not a.startswith("train.epochs")] + ["train.epochs=4", "train.lr=0.003"]
@@ -102,8 +102,18 @@ def test_checkpoints_keep_best_by_rule_and_last_every_epoch(tiny_data: Path, tmp
     assert result.best_epoch == expected
     assert result.best_val_acc == pytest.approx(best)
     assert torch.load(run.best_ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 == expected
-    assert torch.load(run.last_ckpt, map_location="cpu", weights_only=False)["epoch"] + 1 == 4
+    last = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
+    assert last["epoch"] + 1 == 4
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    # last.ckpt was written at epoch 4's validation end, before Lightning counts the epoch as processed:
+    # resuming must keep 4 rows, from the callback's own record or, for older checkpoints, the loops' state.
+    cb = BestAndLastCheckpoint(run.checkpoints)
+    assert last["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 3
+    assert cb.epochs_done(last) == 4
+    del last["callbacks"][cb.state_key]
+    assert cb.epochs_done(last) == 4
+    last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"] = False  # as if saved mid-epoch
+    assert cb.epochs_done(last) == 3
 
 
 def test_resume_recovers_the_kept_epoch_from_files_when_the_checkpoint_lacks_it(tmp_path: Path) -> None:
@@ -215,6 +225,7 @@ def test_resume_after_kill(tiny_data: Path, tmp_path: Path) -> None:
     assert 1 <= done_before < 8, "the run should have been killed mid-way"
     assert not (out / "model.pt").exists()
     from leuko.data.transforms import AUGMENT_VERSIONS
+    from leuko.train.callbacks import improves
 
     summary = json.loads((out / "data.json").read_text())
     preset = summary["augment"]["preset"]
@@ -227,7 +238,15 @@ def test_resume_after_kill(tiny_data: Path, tmp_path: Path) -> None:
     assert any(warned in line for line in lines), lines
     rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    for r in rows:  # the epoch last.ckpt was written in keeps its row; no replayed, empty one
+        assert r["train_acc"] and r["val_acc"] and float(r["images_per_s"]) > 0, r
+        assert 0 < float(r["epoch_time_s"]) < 600, r
     assert result.epochs_run == 8 and (out / "model.pt").is_file()
+    kept, best, best_loss = None, None, None
+    for r in rows:
+        if improves(float(r["val_acc"]), float(r["val_loss"]), best, best_loss):
+            kept, best, best_loss = int(r["epoch"]), float(r["val_acc"]), float(r["val_loss"])
+    assert result.best_epoch == kept
     with pytest.raises(LeukoError, match="already finished"):
         (out / "checkpoints" / "last.ckpt").unlink()
         train(None, out, resume=True, echo=lambda s: None)

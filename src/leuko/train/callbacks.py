@@ -87,6 +87,7 @@ class BestAndLastCheckpoint(pl.Callback):
         self.best_score: float | None = None
         self.best_loss: float | None = None
         self.best_epoch: int | None = None
+        self._saving_epoch: int | None = None  # set only while _save writes, so mid-epoch saves record None
 
     @property
     def best_path(self) -> Path:
@@ -101,13 +102,17 @@ class BestAndLastCheckpoint(pl.Callback):
             return
         metrics = trainer.callback_metrics
         score = metrics.get(self.monitor)
-        if score is not None:
-            loss = metrics.get(self.tiebreak)
-            value, loss_value = float(score), (float(loss) if loss is not None else None)
-            if improves(value, loss_value, self.best_score, self.best_loss):
-                self.best_score, self.best_loss, self.best_epoch = value, loss_value, trainer.current_epoch + 1
-                trainer.save_checkpoint(self.best_path)  # every rank calls it; rank 0 writes
-        trainer.save_checkpoint(self.last_path)
+        self._saving_epoch = trainer.current_epoch + 1
+        try:
+            if score is not None:
+                loss = metrics.get(self.tiebreak)
+                value, loss_value = float(score), (float(loss) if loss is not None else None)
+                if improves(value, loss_value, self.best_score, self.best_loss):
+                    self.best_score, self.best_loss, self.best_epoch = value, loss_value, trainer.current_epoch + 1
+                    trainer.save_checkpoint(self.best_path)  # every rank calls it; rank 0 writes
+            trainer.save_checkpoint(self.last_path)
+        finally:
+            self._saving_epoch = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor.startswith("val_"):
@@ -139,8 +144,39 @@ class BestAndLastCheckpoint(pl.Callback):
         self.best_score, self.best_epoch = float(row[self.monitor]), epoch
         self.best_loss = float(row[self.tiebreak]) if row.get(self.tiebreak) else None
 
+    def epochs_done(self, state: dict[str, Any]) -> int:
+        """How many epochs a checkpoint (``torch.load``-ed) has finished, i.e. the rows of ``metrics.csv`` to keep.
+
+        Why not Lightning's ``epoch_progress``: this callback writes
+        ``last.ckpt`` at the end of an epoch's validation, before Lightning
+        counts the epoch as processed, so the progress says E-1 for a
+        checkpoint of epoch E, and trusting it dropped epoch E's row on
+        resume. The callback records the epoch it saved at (``None`` for a
+        save in the middle of an epoch, e.g. on Ctrl-C); checkpoints from
+        before it did read the loops' progress: an epoch whose last batch and
+        whose validation both finished counts as done.
+        """
+        own = (state.get("callbacks") or {}).get(self.state_key) or {}
+        if own.get("saved_at_epoch_end"):
+            return int(own["saved_at_epoch_end"])
+        try:
+            fit = state["loops"]["fit_loop"]
+            processed = int(fit["epoch_progress"]["current"]["processed"])
+            started = int(fit["epoch_progress"]["current"]["started"])
+            val = fit.get("epoch_loop.val_loop.batch_progress", {}).get("current", {})
+            validated = int(val.get("ready", 0)) > 0 and val.get("completed") == val.get("ready")
+            last_batch = bool(fit.get("epoch_loop.batch_progress", {}).get("is_last_batch"))
+        except (KeyError, TypeError, ValueError):
+            return int(state.get("epoch", -1)) + 1
+        return processed + 1 if started > processed and last_batch and validated else processed
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_loss": self.best_loss, "best_epoch": self.best_epoch}
+        return {
+            "best_score": self.best_score,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "saved_at_epoch_end": self._saving_epoch,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score = state_dict.get("best_score")
@@ -156,16 +192,22 @@ class EpochMetricsCSV(pl.Callback):
         self.echo = echo
         self._t0 = 0.0
         self._images = 0
+        self._started: int | None = None  # the epoch whose training this process saw begin
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
         self._images = 0
+        self._started = trainer.current_epoch
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._images += int(batch[1].shape[0])
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if self._started != trainer.current_epoch:
+            # Resuming from a checkpoint written at an epoch's validation end, Lightning replays that
+            # epoch's end with no metrics; its row was written by the process that trained it.
             return
         elapsed = max(1e-9, time.perf_counter() - self._t0)
         m = trainer.callback_metrics

@@ -125,14 +125,11 @@ def fit_lightning(
     if resume:
         ckpt_path = str(run.last_ckpt)
         state = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
-        try:  # epochs whose training part finished (the checkpoint may be from mid-epoch)
-            done = int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-        except (KeyError, TypeError):
-            done = int(state.get("epoch", -1)) + 1
+        done = ckpt.epochs_done(state)
         truncate_metrics(run.metrics, done)
         if ckpt.state_key not in (state.get("callbacks") or {}):  # written before this callback existed
             ckpt.restore_from_files(run.metrics)
-        echo(f"resuming from {run.last_ckpt} (epoch {done} of {cfg.train.epochs})")
+        echo(f"resuming from {run.last_ckpt} ({done} of {cfg.train.epochs} epochs done)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*treat_batch_as_tensor.*")
