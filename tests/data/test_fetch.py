@@ -400,28 +400,29 @@ def test_unknown_name_lists_the_known_ones() -> None:
         fetch_dataset("imagenet", progress=False)
     msg = str(err.value)
     assert "'imagenet'" in msg
-    for name in ("pbc", "bloodmnist", "mooney", "cnmc", "bccd", "bccd-wbc"):
+    for name in ("pbc", "bloodmnist", "mooney", "cnmc", "bccd", "bccd-wbc", "raabin-wbc"):
         assert name in msg
 
 
 @pytest.mark.parametrize(
-    ("name", "layout", "page"),
+    ("name", "layout", "page", "why", "root"),
     [
-        ("mooney", "mooney", "https://www.kaggle.com/datasets/paultimothymooney/blood-cells"),
-        ("bccd-wbc", "folder", "https://www.kaggle.com/datasets/brikwerk/bccd-white-blood-cell"),
-        ("cnmc", "cnmc", "https://www.cancerimagingarchive.net/collection/c-nmc-2019/"),
-        ("bccd", "bccd", "https://github.com/Shenggan/BCCD_Dataset"),
+        ("mooney", "mooney", "https://www.kaggle.com/datasets/paultimothymooney/blood-cells", "login", ""),
+        ("bccd-wbc", "folder", "https://www.kaggle.com/datasets/brikwerk/bccd-white-blood-cell", "login", ""),
+        ("cnmc", "cnmc", "https://www.cancerimagingarchive.net/collection/c-nmc-2019/", "login", ""),
+        ("bccd", "bccd", "https://github.com/Shenggan/BCCD_Dataset", "login", ""),
+        ("raabin-wbc", "folder", "https://raabindata.com/free-data/", "no download address", "/TestA"),
     ],
 )
-def test_manual_only_datasets_give_precise_steps(name: str, layout: str, page: str, tmp_path: Path) -> None:
+def test_manual_only_datasets_give_precise_steps(name: str, layout: str, page: str, why: str, root: str, tmp_path: Path) -> None:
     with pytest.raises(LeukoError) as err:
         fetch_dataset(name, url="http://127.0.0.1:9/ignored.zip", progress=False)
     msg = str(err.value)
     first = msg.splitlines()[0]
-    assert first.startswith(name) and "login" in first
+    assert first.startswith(name) and why in first
     dest = tmp_path / "cache" / "datasets" / name
     assert str(dest) in msg and page in msg
-    assert f"leuko data inspect {dest}" in msg and f"--layout {layout}" in msg and "--data" in msg
+    assert f"leuko data inspect {dest}{root}" in msg and f"--layout {layout}" in msg and "--data" in msg
     assert not dest.exists()
     custom = tmp_path / "somewhere"
     with pytest.raises(LeukoError) as err2:

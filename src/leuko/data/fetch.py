@@ -193,6 +193,21 @@ boxes are public on GitHub; the white-cell types per image (labels.csv) are on K
 Any other folder works too: arrange it the same way and pass it with --data."""
 
 
+_RAABIN_STEPS = """\
+raabin-wbc has no download address leuko can check (the archives are linked from a web page, not
+a stable file address with a checksum), so leuko does not download it. By hand:
+  1. Open https://raabindata.com/free-data/ (Raabin-WBC, Kouzehkanan et al., Sci. Rep. 2022)
+  2. Download the cropped, double-labelled white cells: Train, TestA and TestB.
+  3. Unpack them into {dest}/ so that folders such as these exist:
+     {dest}/TestA/Neutrophil/   {dest}/TestB/Lymphocyte/
+     Each of Train, TestA and TestB holds one folder per cell type (Basophil, Eosinophil,
+     Lymphocyte, Monocyte, Neutrophil) and is a dataset root of its own. The authors set
+     TestB apart to test generalisation to other imaging conditions: the harder check.
+  4. Check it: leuko data inspect {dest}/TestA --layout folder
+     Evaluate a PBC-trained model on it with --class-map pbc-to-bccd (the same five types).
+Any other folder works too: pass the dataset root with --data."""
+
+
 _REGISTRY: dict[str, RemoteDataset] = {
     ds.name: ds
     for ds in (
@@ -259,6 +274,16 @@ _REGISTRY: dict[str, RemoteDataset] = {
             page="https://www.kaggle.com/datasets/brikwerk/bccd-white-blood-cell",
             layout="folder",
             manual=_BCCD_WBC_STEPS,
+        ),
+        RemoteDataset(
+            name="raabin-wbc",
+            title="Raabin-WBC: cropped white cells, 5 types, two microscopes and cameras (Train/TestA/TestB)",
+            citation="Kouzehkanan ZM et al. A large dataset of white blood cells containing cell locations and "
+            "types, along with segmented nuclei and cytoplasm. Sci Rep 12, 1123 (2022). doi:10.1038/s41598-021-04426-x",
+            licence="see the Raabin data page",
+            page="https://raabindata.com/free-data/",
+            layout="folder",
+            manual=_RAABIN_STEPS,
         ),
         RemoteDataset(
             name="cnmc",
