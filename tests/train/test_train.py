@@ -138,6 +138,31 @@ def test_resume_recovers_the_kept_epoch_from_files_when_the_checkpoint_lacks_it(
     assert fresh.best_epoch is None and fresh.best_score is None
 
 
+def test_resume_survives_an_unreadable_last_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    """A truncated last.ckpt (killed mid-write by an older leuko, a full disk): resume from best.ckpt and say so;
+    a finished run is never re-run; nothing readable at all is one clear error."""
+    out = tmp_path / "run"
+    over = [a for a in TINY if not a.startswith("train.epochs")] + ["train.epochs=3"]
+    train(None, out, overrides=over, data_path=tiny_data, echo=lambda s: None)
+    run = RunFolder.open(out)
+    with pytest.raises(LeukoError, match="already finished"):  # last.ckpt is there, but so is model.pt
+        train(None, out, resume=True, echo=lambda s: None)
+    run.model.unlink()
+    run.last_ckpt.write_bytes(run.last_ckpt.read_bytes()[:4096])
+    lines: list[str] = []
+    result = train(None, out, resume=True, echo=lines.append)
+    assert any("cannot be read" in line and "resuming from" in line and "best.ckpt" in line for line in lines), lines
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["val_acc"] and r["train_acc"] for r in rows)
+    assert result.epochs_run == 3 and run.model.is_file()
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # no .tmp left behind
+    run.model.unlink()
+    run.last_ckpt.write_bytes(b"junk")
+    run.best_ckpt.write_bytes(b"junk")
+    with pytest.raises(LeukoError, match=r"cannot resume .*last.ckpt cannot be read .*best.ckpt is unreadable too"):
+        train(None, out, resume=True, echo=lambda s: None)
+
+
 def test_same_seed_same_metrics(tiny_data: Path, tmp_path: Path) -> None:
     a = tmp_path / "a"
     b = tmp_path / "b"

@@ -10,6 +10,7 @@ written when the user presses Ctrl-C, so ``--resume`` loses nothing.
 from __future__ import annotations
 
 import csv
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,20 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
+    """Write a checkpoint beside ``path`` and move it into place, so a kill mid-write leaves the old one whole.
+
+    Lightning writes straight to the file: a run killed while ``last.ckpt``
+    was being written (tens of MB, every epoch) kept a truncated file and
+    could resume from nothing.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it (it synchronises); rank 0 writes
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
 
 
 def improves(score: float, loss: float | None, best_score: float | None, best_loss: float | None) -> bool:
@@ -109,8 +124,8 @@ class BestAndLastCheckpoint(pl.Callback):
                 value, loss_value = float(score), (float(loss) if loss is not None else None)
                 if improves(value, loss_value, self.best_score, self.best_loss):
                     self.best_score, self.best_loss, self.best_epoch = value, loss_value, trainer.current_epoch + 1
-                    trainer.save_checkpoint(self.best_path)  # every rank calls it; rank 0 writes
-            trainer.save_checkpoint(self.last_path)
+                    save_checkpoint_atomic(trainer, self.best_path)
+            save_checkpoint_atomic(trainer, self.last_path)
         finally:
             self._saving_epoch = None
 
@@ -240,4 +255,4 @@ class SaveOnInterrupt(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero and trainer.current_epoch > 0:
-            trainer.save_checkpoint(self.path)
+            save_checkpoint_atomic(trainer, self.path)

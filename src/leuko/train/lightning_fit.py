@@ -36,6 +36,35 @@ def class_weights_for(targets: list[int], n_classes: int) -> torch.Tensor:
     return torch.tensor(len(targets) / (n_classes * counts), dtype=torch.float32)
 
 
+def _read_checkpoint(path: Any) -> dict[str, Any] | str:
+    """The checkpoint's contents, or why it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, pickle error, ...: all mean "not usable"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return state if isinstance(state, dict) and "state_dict" in state else "not a Lightning checkpoint"
+
+
+def resume_checkpoint(run: RunFolder, echo: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """``(path, contents)`` of the checkpoint to resume from: ``last.ckpt``, or ``best.ckpt`` if that one is unreadable.
+
+    Checkpoints are written atomically now, but a run killed mid-write by an
+    older leuko (or a disk that filled up) has a broken ``last.ckpt``; its
+    ``best.ckpt`` still carries everything a resume needs, from an earlier
+    epoch, so the run loses those epochs rather than everything.
+    """
+    from leuko.errors import LeukoError
+
+    last = _read_checkpoint(run.last_ckpt)
+    if isinstance(last, dict):
+        return run.last_ckpt, last
+    best = _read_checkpoint(run.best_ckpt) if run.best_ckpt.is_file() else "missing"
+    if isinstance(best, dict):
+        echo(f"warning: {run.last_ckpt} cannot be read ({last}); resuming from {run.best_ckpt} instead (the epochs after it run again)")
+        return run.best_ckpt, best
+    raise LeukoError(f"cannot resume {run.path}: {run.last_ckpt.name} cannot be read ({last}) and best.ckpt is {best if best == 'missing' else 'unreadable too'}")
+
+
 def build_loaders(model: torch.nn.Module, cfg: RunConfig, data: PreparedData) -> tuple[Any, Any | None]:
     """Train and validation DataLoaders (decoded-image cache, augmentation, balanced sampling)."""
     info = model.leuko_info  # type: ignore[attr-defined]
@@ -123,13 +152,13 @@ def fit_lightning(
     )
     ckpt_path = None
     if resume:
-        ckpt_path = str(run.last_ckpt)
-        state = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
+        path, state = resume_checkpoint(run, echo)
+        ckpt_path = str(path)
         done = ckpt.epochs_done(state)
         truncate_metrics(run.metrics, done)
         if ckpt.state_key not in (state.get("callbacks") or {}):  # written before this callback existed
             ckpt.restore_from_files(run.metrics)
-        echo(f"resuming from {run.last_ckpt} ({done} of {cfg.train.epochs} epochs done)")
+        echo(f"resuming from {path} ({done} of {cfg.train.epochs} epochs done)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*treat_batch_as_tensor.*")

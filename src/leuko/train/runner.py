@@ -181,9 +181,9 @@ def train(
         run = RunFolder.open(out)
         cfg = load_config(run.config, overrides)
         split_file: Path | None = run.split
+        if run.model.is_file():  # resuming would only rewrite the finished model
+            raise LeukoError(f"run {run.path} already finished (model.pt exists); nothing to resume")
         if not run.last_ckpt.is_file():
-            if run.model.is_file():
-                raise LeukoError(f"run {run.path} already finished (model.pt exists); nothing to resume")
             raise LeukoError(f"run {run.path} has no checkpoint to resume from (it stopped before the first epoch ended)")
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
