@@ -136,6 +136,10 @@ def test_resume_recovers_the_kept_epoch_from_files_when_the_checkpoint_lacks_it(
     fresh = BestAndLastCheckpoint(tmp_path / "none")
     fresh.restore_from_files(tmp_path / "metrics.csv")  # no best.ckpt: nothing to recover
     assert fresh.best_epoch is None and fresh.best_score is None
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"truncated")
+    broken = BestAndLastCheckpoint(tmp_path / "checkpoints")
+    broken.restore_from_files(tmp_path / "metrics.csv")  # unreadable: nothing to keep, no traceback
+    assert broken.best_epoch is None
 
 
 def test_resume_survives_an_unreadable_last_checkpoint(tiny_data: Path, tmp_path: Path) -> None:

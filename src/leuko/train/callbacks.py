@@ -151,7 +151,10 @@ class BestAndLastCheckpoint(pl.Callback):
 
         if not self.best_path.is_file() or not Path(metrics_csv).is_file():
             return
-        epoch = int(torch.load(self.best_path, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
+        try:
+            epoch = int(torch.load(self.best_path, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
+        except Exception:  # an unreadable best.ckpt has nothing to keep: the next epoch replaces it
+            return
         with open(metrics_csv, newline="") as fh:
             row = next((r for r in csv.DictReader(fh) if r.get("epoch") == str(epoch)), None)
         if row is None or not row.get(self.monitor):
