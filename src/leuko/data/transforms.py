@@ -150,6 +150,21 @@ def detail(image: np.ndarray) -> float:
     return float(np.sqrt(np.mean((grey - cv2.GaussianBlur(grey, (0, 0), 1.0)) ** 2)))
 
 
+def _bisect(short_of_goal: Callable[[float], bool], hi: float, steps: int = 7) -> tuple[float, float]:
+    """``(lo, hi)`` bracketing where a monotone ``short_of_goal`` turns False on ``[0, hi]``, after ``steps`` halvings.
+
+    SoftFocus's one search, for the blur sigma and the sharpening amount alike.
+    """
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if short_of_goal(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
 class SoftFocus(A.ImageOnlyTransform):
     """Blur an image down to a randomly drawn sharpness, so that sharpness says nothing about the class.
 
@@ -196,14 +211,9 @@ class SoftFocus(A.ImageOnlyTransform):
         now = detail(img)
         if now <= goal:
             return self._sharpen(img, goal) if self.sharpen > 0 and now < goal else img
-        lo, hi = 0.0, self._MAX_SIGMA  # detail falls monotonically with sigma: bisect
-        for _ in range(7):
-            mid = (lo + hi) / 2
-            if detail(cv2.GaussianBlur(img, (0, 0), mid)) > goal:
-                lo = mid
-            else:
-                hi = mid
-        return cv2.GaussianBlur(img, (0, 0), hi)
+        # detail falls monotonically with sigma: the least sigma that gets down to the goal
+        _, sigma = _bisect(lambda mid: detail(cv2.GaussianBlur(img, (0, 0), mid)) > goal, self._MAX_SIGMA)
+        return cv2.GaussianBlur(img, (0, 0), sigma)
 
     def _sharpen(self, img: np.ndarray, goal: float) -> np.ndarray:
         """Unsharp mask (the detail band :func:`detail` measures, amplified) up to ``goal``, amount <= ``sharpen``."""
@@ -215,14 +225,9 @@ class SoftFocus(A.ImageOnlyTransform):
 
         if detail(out(self.sharpen)) <= goal:
             return out(self.sharpen)
-        lo, hi = 0.0, self.sharpen  # detail rises monotonically with the amount: bisect
-        for _ in range(7):
-            mid = (lo + hi) / 2
-            if detail(out(mid)) < goal:
-                lo = mid
-            else:
-                hi = mid
-        return out(lo)
+        # detail rises monotonically with the amount: the largest amount that stays below the goal
+        amount, _ = _bisect(lambda mid: detail(out(mid)) < goal, self.sharpen)
+        return out(amount)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("target", "sharpen")
