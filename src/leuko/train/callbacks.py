@@ -66,6 +66,17 @@ def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def read_checkpoint(path: Path, needs: tuple[str, ...] = ("state_dict",)) -> dict[str, Any] | str:
+    """A checkpoint's contents, or why it cannot be read (truncated, or without the ``needs`` keys)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, pickle error, ...: all mean "not usable"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return state if isinstance(state, dict) and all(k in state for k in needs) else "not a Lightning checkpoint"
+
+
 def improves(score: float, loss: float | None, best_score: float | None, best_loss: float | None) -> bool:
     """Whether an epoch beats the kept one: higher accuracy, or the same accuracy at a lower loss.
 
@@ -147,14 +158,12 @@ class BestAndLastCheckpoint(pl.Callback):
         carry the state needs none of this (Lightning calls
         :meth:`load_state_dict` with it).
         """
-        import torch
-
         if not self.best_path.is_file() or not Path(metrics_csv).is_file():
             return
-        try:
-            epoch = int(torch.load(self.best_path, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
-        except Exception:  # an unreadable best.ckpt has nothing to keep: the next epoch replaces it
+        best = read_checkpoint(self.best_path, needs=())  # only its epoch is read
+        if not isinstance(best, dict):  # an unreadable best.ckpt has nothing to keep: the next epoch replaces it
             return
+        epoch = int(best.get("epoch", -1)) + 1
         with open(metrics_csv, newline="") as fh:
             row = next((r for r in csv.DictReader(fh) if r.get("epoch") == str(epoch)), None)
         if row is None or not row.get(self.monitor):

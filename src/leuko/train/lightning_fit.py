@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 
 from leuko.data.pipeline import SampleDataset, make_loader
 from leuko.runs import RunFolder
-from leuko.train.callbacks import BestAndLastCheckpoint, EpochMetricsCSV, SaveOnInterrupt, truncate_metrics
+from leuko.train.callbacks import BestAndLastCheckpoint, EpochMetricsCSV, SaveOnInterrupt, read_checkpoint, truncate_metrics
 from leuko.train.config import RunConfig
 from leuko.train.data import PreparedData, run_transform
 from leuko.train.module import LeukoClassifier
@@ -36,15 +36,6 @@ def class_weights_for(targets: list[int], n_classes: int) -> torch.Tensor:
     return torch.tensor(len(targets) / (n_classes * counts), dtype=torch.float32)
 
 
-def _read_checkpoint(path: Any) -> dict[str, Any] | str:
-    """The checkpoint's contents, or why it cannot be read."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated zip, pickle error, ...: all mean "not usable"
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return state if isinstance(state, dict) and "state_dict" in state else "not a Lightning checkpoint"
-
-
 def resume_checkpoint(run: RunFolder, echo: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
     """``(path, contents)`` of the checkpoint to resume from: ``last.ckpt``, or ``best.ckpt`` if that one is unreadable.
 
@@ -55,10 +46,10 @@ def resume_checkpoint(run: RunFolder, echo: Callable[[str], None]) -> tuple[Any,
     """
     from leuko.errors import LeukoError
 
-    last = _read_checkpoint(run.last_ckpt)
+    last = read_checkpoint(run.last_ckpt)
     if isinstance(last, dict):
         return run.last_ckpt, last
-    best = _read_checkpoint(run.best_ckpt) if run.best_ckpt.is_file() else "missing"
+    best = read_checkpoint(run.best_ckpt) if run.best_ckpt.is_file() else "missing"
     if isinstance(best, dict):
         echo(f"warning: {run.last_ckpt} cannot be read ({last}); resuming from {run.best_ckpt} instead (the epochs after it run again)")
         return run.best_ckpt, best
