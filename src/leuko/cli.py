@@ -450,13 +450,18 @@ def evaluate_cmd(
 
 
 def _print_cell_crop(info: Optional[dict]) -> None:
-    """Name the images in which cell-crop found no cell (classified from the whole frame)."""
-    if not info or not info["fell_back"]:
+    """Name the images in which cell-crop found no cell (classified from the whole frame), and those in which
+    rbc-crop found no red-cell ruler (cropped at cell-crop's share)."""
+    if not info:
         return
-    names = info["fell_back"]
-    console.print(f"[yellow]cell-crop found no cell in {len(names)} image(s)[/] (classified from the whole frame): "
-                  + ", ".join(names[:10]) + (f" ... (+{len(names) - 10}, listed in metrics.json)" if len(names) > 10 else ""),
-                  highlight=False)
+    step = info.get("step", "cell-crop")
+    for key, what in (("fell_back", step + " found no cell in {n} image(s)[/] (classified from the whole frame)"),
+                      ("no_ruler", "rbc-crop measured no red cells in {n} image(s)[/] (cropped as cell-crop)")):
+        names = info.get(key) or []
+        if names:
+            console.print(f"[yellow]{what.format(n=len(names))}: "
+                          + ", ".join(names[:10]) + (f" ... (+{len(names) - 10}, listed in metrics.json)" if len(names) > 10 else ""),
+                          highlight=False)
 
 
 def _print_side_by_side(run_dir: Path, m: dict) -> None:

@@ -1,4 +1,5 @@
-"""``cell-crop`` and ``reinhard``: the cell ends up the same size whatever the framing; stains are matched.
+"""``cell-crop``, ``rbc-crop`` and ``reinhard``: the cell ends up the same size whatever the framing (or,
+with ``rbc-crop``, the same size relative to its red cells); stains are matched.
 
 The synthetic smears below place one white cell (purple two-lobed nucleus,
 lavender cytoplasm) off-centre among red cells on a beige background, at two
@@ -25,6 +26,7 @@ from leuko.data.preprocess import (
     find_cell,
     lab_stats,
     parse_preprocess,
+    red_cell_diameter,
     reinhard,
     smear_norm,
     smear_stats,
@@ -40,14 +42,15 @@ CYTOPLASM = (200, 176, 218)
 NUCLEUS = (88, 46, 152)
 
 
-def smear(side: int, cx: float, cy: float, r: float, seed: int = 0) -> np.ndarray:
-    """A ``side`` square smear with a white cell of radius ``r`` at ``(cx, cy)`` and red cells around it."""
+def smear(side: int, cx: float, cy: float, r: float, seed: int = 0, rbc_r: float | None = None, n_rbc: int = 40) -> np.ndarray:
+    """A ``side`` square smear with a white cell of radius ``r`` at ``(cx, cy)`` and red cells
+    (radius ``rbc_r``, default ``0.55 * r``) around it."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
     img = np.empty((side, side, 3), np.float32)
     img[...] = BACKGROUND
-    rbc_r = 0.55 * r
-    for _ in range(40):
+    rbc_r = 0.55 * r if rbc_r is None else rbc_r
+    for _ in range(n_rbc):
         x, y = rng.uniform(0, side, 2)
         if np.hypot(x - cx, y - cy) < r + rbc_r + 4:
             continue
@@ -76,6 +79,8 @@ def test_steps_parse_validate_and_change_the_decode() -> None:
         ("cell-crop:1.5", "cell share must be in"),
         ("cell-crop:x", "is not a number"),
         ("center-crop:0.8,cell-crop", "at most one geometric step"),
+        ("cell-crop,rbc-crop", "at most one geometric step"),
+        ("rbc-crop:1.5", "span must be in"),
         ("reinhard:mars", "unknown reinhard reference"),
         ("smear-norm:mars", "unknown smear-norm reference"),
     ):
@@ -177,6 +182,87 @@ def test_data_crops_cli_writes_sheets_and_lists_fallbacks(tmp_path: Path, capsys
     code = call(["data", "crops", str(root), "--out", str(out)])  # never overwrites
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "exists and is not empty" in err[0]
+
+
+# ----------------------------------------------------------------- rbc-crop
+
+
+@pytest.mark.parametrize("side, r", [(400, 40.0), (200, 20.0)])
+def test_red_cell_diameter_measures_the_red_cells(side: int, r: float) -> None:
+    img = smear(side, side * 0.45, side * 0.55, r, rbc_r=0.5 * r, n_rbc=60)
+    cell = find_cell(img)
+    assert cell is not None
+    assert red_cell_diameter(img, cell) == pytest.approx(r, rel=0.15)  # diameter 2 * 0.5 r
+
+
+def test_rbc_crop_keeps_the_size_a_cell_crop_throws_away() -> None:
+    """A big and a small white cell among the same red cells: cell-crop scales each to its own size
+    (a fixed share of the side); rbc-crop keeps their ratio (the size cue) and gives one framing
+    at two magnifications."""
+    big, small = smear(400, 200, 200, 50, rbc_r=20, n_rbc=60, seed=3), smear(400, 200, 200, 30, rbc_r=20, n_rbc=60, seed=4)
+    rbc_crop = build_preprocess(96, "rbc-crop:4")  # decoded at 192 px: red cells 40 -> 19.2 px across
+    a, b = rbc_crop.run(big), rbc_crop.run(small)
+    assert a.ruler == pytest.approx(19.2, rel=0.15) and b.ruler == pytest.approx(19.2, rel=0.15)
+    assert a.window is not None and a.window[2] == pytest.approx(4 * 19.2, rel=0.15)
+    assert cell_extent_share(a.image) == pytest.approx(100 / 160, abs=0.08)  # 2r over 4 diameters
+    assert cell_extent_share(b.image) == pytest.approx(60 / 160, abs=0.08)
+    assert cell_extent_share(a.image) / cell_extent_share(b.image) == pytest.approx(5 / 3, rel=0.15)
+    # the same smear at half the magnification: the same crop (up to resampling)
+    half = smear(200, 100, 100, 25, rbc_r=10, n_rbc=60, seed=3)
+    assert cell_extent_share(rbc_crop(half)) == pytest.approx(cell_extent_share(a.image), abs=0.08)
+
+
+def test_rbc_crop_without_red_cells_crops_as_cell_crop_and_is_reported(tmp_path: Path) -> None:
+    """A tight crop of a lone cell (no red cells to measure): cell-crop's share, and the report says so."""
+    lone = smear(200, 100, 100, 40, n_rbc=0)
+    pre = build_preprocess(96, "rbc-crop")
+    res = pre.run(lone)
+    assert res.ruler is None and not res.fell_back
+    assert cell_extent_share(res.image) == pytest.approx(DEFAULT_CELL_SHARE, abs=0.06)
+    assert red_cell_diameter(lone) is None
+    Image.fromarray(lone).save(tmp_path / "lone.png")
+    Image.fromarray(smear(400, 200, 200, 40, rbc_r=20, n_rbc=60)).save(tmp_path / "field.png")
+    samples = [Sample(tmp_path / "lone.png", "?"), Sample(tmp_path / "field.png", "?")]
+    report = crop_report(samples, pre, workers=1)
+    assert report.no_ruler == [str(tmp_path / "lone.png")]
+    assert "red-cell ruler in 1 of 2" in report.summary()
+    assert crop_report(samples, build_preprocess(96, "cell-crop"), workers=1).no_ruler == []
+    # rbc-crop pixels never share a cache entry with cell-crop's
+    assert pre.fingerprint != build_preprocess(96, "cell-crop").fingerprint
+    assert pre.decode_size == 192
+
+
+def test_data_crops_cli_lists_the_ruler(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "lab" / "neutrophil"
+    root.mkdir(parents=True)
+    Image.fromarray(smear(400, 200, 200, 40, rbc_r=20, n_rbc=60)).save(root / "a.png")
+    Image.fromarray(smear(200, 100, 100, 40, n_rbc=0)).save(root / "b.png")
+    out = tmp_path / "crops"
+    code = call(["data", "crops", str(tmp_path / "lab"), "--out", str(out), "--layout", "folder", "--preprocess", "rbc-crop"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "red-cell ruler in 1 of 2" in text
+    rows = (out / "crops.csv").read_text().splitlines()
+    assert rows[0].endswith("window_left,window_top,window_side,rbc_diameter")
+    by_name = {r.split(",")[0].split("/")[-1]: r.split(",") for r in rows[1:]}
+    assert by_name["b.png"][-1] == "" and float(by_name["a.png"][-1]) == pytest.approx(40 * 256 / 400, rel=0.15)  # decoded pixels
+
+
+@pytest.mark.shared
+def test_red_cell_ruler_agrees_between_labs(shared_datasets: Path) -> None:
+    """Neutrophils are about 2.2 red cells across in PBC and in BCCD, whose magnifications differ
+    by ~1.4x: the ruler measures the same physical scale in both labs."""
+    pre = build_preprocess(128, "rbc-crop")
+    ratios = {}
+    for name, layout in (("pbc", None), ("bccd", "bccd")):
+        index = load_dataset(shared_datasets / name, layout)
+        neut = [s for s in index.samples if s.label == "neutrophil"]
+        report = crop_report(random.Random(0).sample(neut, 40), pre)
+        found = [r for r in report.records if r.ruler is not None]
+        assert len(found) >= 28, report.summary()  # 70%: BCCD's crowded fields defeat it sometimes
+        ratios[name] = float(np.median([r.cell.size / r.ruler for r in found]))
+    assert 1.8 < ratios["pbc"] < 2.7 and 1.8 < ratios["bccd"] < 2.7, ratios
+    assert abs(ratios["pbc"] - ratios["bccd"]) < 0.4, ratios
 
 
 # ----------------------------------------------------------------- Reinhard

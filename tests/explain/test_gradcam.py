@@ -215,6 +215,17 @@ def test_geometry_cell_crop(tmp_path: Path) -> None:
     assert xs.min() <= 40 <= xs.max() and ys.min() <= 40 <= ys.max()
 
 
+def test_input_box_follows_the_window_the_preprocessing_cut() -> None:
+    """rbc-crop's window depends on the red cells, not only on the cell: the box is the window
+    ``Preprocess.run`` reports, mapped back from decoded to source pixels."""
+    from leuko.data.preprocess import build_preprocess
+    from leuko.explain.gradcam import input_box
+
+    pre = build_preprocess(64, "rbc-crop")  # decoded at 128 x 128
+    assert input_box(256, 512, pre, window=(10, 20, 50)) == pytest.approx((40.0, 40.0, 240.0, 140.0))
+    assert input_box(256, 512, pre, fell_back=True) == pytest.approx((0.0, 0.0, 512.0, 256.0))
+
+
 # --------------------------------------------------------------------------- the layer finder
 
 EXPECTED_LAYER = {

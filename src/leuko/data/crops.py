@@ -1,7 +1,7 @@
 """What a crop step did to a dataset: which images fell back, and pictures to check by eye.
 
-``cell-crop`` (:mod:`leuko.data.preprocess`) finds the white cell in every
-image. When it finds none it keeps the whole frame, which is a safe default
+``cell-crop`` and ``rbc-crop`` (:mod:`leuko.data.preprocess`) find the white cell in every
+image (``rbc-crop`` also measures its red cells). When it finds none it keeps the whole frame, which is a safe default
 but must never be silent: a lab that feeds in a new scanner's images should
 learn that, say, 30% of them are not being cropped. This module runs the
 model's exact preprocessing over samples and reports, per image, whether a
@@ -34,6 +34,8 @@ class CropRecord:
     label: str
     fell_back: bool
     cell: CellBox | None = None
+    ruler: float | None = None
+    window: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -42,11 +44,19 @@ class CropReport:
 
     records: list[CropRecord] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    rbc: bool = False
 
     @property
     def fallbacks(self) -> list[str]:
         """Keys of the images where no cell was found (the whole frame was used)."""
         return [r.key for r in self.records if r.fell_back]
+
+    @property
+    def no_ruler(self) -> list[str]:
+        """With ``rbc-crop``: keys of images with a cell but no red-cell ruler (cropped at ``cell-crop``'s share)."""
+        if not self.rbc:
+            return []
+        return [r.key for r in self.records if not r.fell_back and r.ruler is None]
 
     @property
     def found_share(self) -> float:
@@ -58,6 +68,8 @@ class CropReport:
         text = f"cell found in {n - k} of {n} images"
         if k:
             text += f"; {k} fell back to the whole frame"
+        if self.rbc:
+            text += f"; red-cell ruler in {n - k - len(self.no_ruler)} of {n - k} (the rest cropped as cell-crop)"
         if self.failed:
             text += f"; {len(self.failed)} unreadable"
         return text
@@ -86,14 +98,14 @@ def crop_report(
         except (LeukoError, OSError, ValueError) as exc:
             return str(exc)
 
-    report = CropReport()
+    report = CropReport(rbc=preprocess.rbc_span is not None)
     n_workers = available_cpus() if workers is None else max(1, int(workers))
     with ThreadPoolExecutor(max_workers=n_workers) as ex:
         for i, (s, res) in enumerate(zip(samples, ex.map(one, samples))):
             if isinstance(res, str):
                 report.failed.append((s.key, res))
                 continue
-            report.records.append(CropRecord(s.key, s.label, res.fell_back, res.cell))
+            report.records.append(CropRecord(s.key, s.label, res.fell_back, res.cell, res.ruler, res.window))
             if on_image is not None:
                 on_image(i, s, res)
     return report
@@ -171,10 +183,13 @@ def write_crops(
     report = crop_report(samples, preprocess, on_image=keep)
     with open(out / "crops.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["key", "label", "cell_found", "cell_x0", "cell_y0", "cell_x1", "cell_y1", "decoded_size"])
+        w.writerow(["key", "label", "cell_found", "cell_x0", "cell_y0", "cell_x1", "cell_y1", "decoded_size",
+                    "window_left", "window_top", "window_side", "rbc_diameter"])
         for r in report.records:
             box = [f"{v:.1f}" for v in r.cell.cell] if r.cell is not None else ["", "", "", ""]
-            w.writerow([r.key, r.label, int(not r.fell_back), *box, preprocess.decode_size])
+            win = list(r.window) if r.window is not None else ["", "", ""]
+            ruler = f"{r.ruler:.1f}" if r.ruler is not None else ""
+            w.writerow([r.key, r.label, int(not r.fell_back), *box, preprocess.decode_size, *win, ruler])
     (out / "fallbacks.txt").write_text("".join(k + "\n" for k in report.fallbacks))
     if report.failed:
         (out / "unreadable.txt").write_text("".join(f"{k}\t{why}\n" for k, why in report.failed))

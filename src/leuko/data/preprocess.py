@@ -41,6 +41,15 @@ docs/robustness.md). PBC frames hold their cell at 0.3-0.6 of the side, BCCD's b
 (share 0.45: 12%, 0.55: 26%, 0.7: 50%, 0.85: 51% accuracy): red cells and background differ more
 between labs than white cells do. 0.7 keeps a thin rim of context at no cost on PBC."""
 
+DEFAULT_RBC_SPAN = 3.6
+"""Side of the ``rbc-crop`` window, in red-cell diameters. PBC's frames are 360 px wide with red
+cells about 70 px across, so ``center-crop:0.7`` (the framing of ``pbc-best``) shows 3.6 red cells
+across; the same physical field (about 27 um) in any lab keeps every white cell's size relative to
+its red cells, which ``cell-crop`` (the cell always 70% of the side) throws away."""
+
+RBC_CROP_VERSION = 1
+"""Bumped when :func:`red_cell_diameter` changes (caches of ``rbc-crop`` pixels are rebuilt)."""
+
 CELL_CROP_VERSION = 2
 """Bumped when :func:`find_cell` or what it searches changes, so caches of cell-cropped pixels
 are rebuilt (2: box samples are searched with :data:`CELL_CONTEXT` of their field around them)."""
@@ -83,6 +92,11 @@ PREPROCESS_STEPS: dict[str, str] = {
     "around it so the cell spans a fixed share of the side, whatever the source's framing; "
     f"'cell-crop' or 'cell-crop:<share in [0.2, 0.95]>' (default {DEFAULT_CELL_SHARE:g}); no cell found: "
     "the whole frame is kept and the image is reported",
+    "rbc-crop": "find the white cell as cell-crop does, but size the square by the red cells around it: "
+    "the side is a fixed number of red-cell diameters (a ruler every blood smear carries), so a lymphocyte "
+    "stays smaller than a monocyte whatever the source's magnification; "
+    f"'rbc-crop' or 'rbc-crop:<red-cell diameters in [2, 8]>' (default {DEFAULT_RBC_SPAN:g}); no red cells "
+    f"measurable: the cell spans {DEFAULT_CELL_SHARE:g} of the side, as with cell-crop, and the image is reported",
     "reinhard": "stain normalisation (Reinhard et al. 2001): shift and scale each image's CIELAB "
     f"mean and spread to a reference's; 'reinhard' or 'reinhard:<reference>' ({', '.join(REINHARD_TARGETS)})",
     "smear-norm": "stain normalisation referenced to the smear, not the cell: Reinhard's CIELAB shift and scale, "
@@ -139,7 +153,7 @@ def parse_preprocess(steps: Sequence[str] | str | None) -> tuple[str, ...]:
     form (``"clahe:2"``, ``"center-crop:0.8"``) is what cache keys hash, so two
     spellings of the same preprocessing share one cache.
 
-    The geometric step (``center-crop`` or ``cell-crop``, at most one) always
+    The geometric step (``center-crop``, ``cell-crop`` or ``rbc-crop``, at most one) always
     runs first (it decides the decoding size and what the pixel steps see:
     ``reinhard`` after ``cell-crop`` matches the statistics of a cell and its
     surroundings, not of however much background the source framed); the
@@ -180,6 +194,11 @@ def parse_preprocess(steps: Sequence[str] | str | None) -> tuple[str, ...]:
             if not 0.2 <= share <= 0.95:
                 raise LeukoError(f"preprocess step {spec!r}: cell share must be in [0.2, 0.95] (e.g. cell-crop:0.7)")
             crops.append(f"cell-crop:{share:g}")
+        elif name in ("rbc-crop", "rbccrop"):
+            span = _parse_float(value, spec, default=DEFAULT_RBC_SPAN)
+            if not 2.0 <= span <= 8.0:
+                raise LeukoError(f"preprocess step {spec!r}: span must be in [2, 8] red-cell diameters (e.g. rbc-crop:3.6)")
+            crops.append(f"rbc-crop:{span:g}")
         elif name in ("reinhard", "smear-norm"):
             ref = value or "pbc"
             known = REINHARD_TARGETS if name == "reinhard" else SMEAR_TARGETS
@@ -189,10 +208,10 @@ def parse_preprocess(steps: Sequence[str] | str | None) -> tuple[str, ...]:
         else:
             raise LeukoError(
                 f"unknown preprocess step {raw!r}; allowed: {', '.join(PREPROCESS_STEPS)} "
-                "(e.g. clahe, clahe:3, center-crop:0.875, cell-crop:0.7, reinhard, smear-norm)"
+                "(e.g. clahe, clahe:3, center-crop:0.875, cell-crop:0.7, rbc-crop:3.6, reinhard, smear-norm)"
             )
     if len(crops) > 1:
-        raise LeukoError(f"at most one geometric step (center-crop or cell-crop) is allowed; got {', '.join(crops)}")
+        raise LeukoError(f"at most one geometric step (center-crop, cell-crop or rbc-crop) is allowed; got {', '.join(crops)}")
     return tuple(crops + pixel)
 
 
@@ -403,6 +422,90 @@ def cell_crop_window(cell: CellBox, share: float) -> tuple[int, int, int]:
     return int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), side
 
 
+_RBC_WORK = 256
+"""Side of the working copy red cells are measured in: a PBC red cell is ~50 px across there."""
+
+_RBC_MIN_DIFF = 14.0
+"""How far (CIELAB units) from the background's colour a pixel must be to belong to a cell."""
+
+_RBC_MIN_PEAKS = 3
+"""Fewer distance-transform peaks than this outside the white cell: no ruler (a tight crop)."""
+
+_RBC_WBC_RATIO = (0.8, 4.0)
+"""Plausible white-cell size in red-cell diameters (a small lymphocyte ~1, a large monocyte ~3):
+outside it the measurement is taken for a failure and ``rbc-crop`` falls back to ``cell-crop``'s share."""
+
+
+def red_cell_diameter(image: np.ndarray, cell: CellBox | None = None) -> float | None:
+    """Typical red-cell diameter in pixels of ``image`` (RGB ``uint8``); ``None`` if there are too few red cells,
+    or, given the white ``cell``, when its size is not a white cell's in that ruler (:data:`_RBC_WBC_RATIO`).
+
+    Red cells are the one object of known size in every blood smear (about
+    7.5 um), so they measure a source's magnification without a calibration
+    slide. On a working copy: pixels far (CIELAB) from the background colour
+    (the median of the brightest tenth) are cells; holes are filled (central
+    pallor); stained pixels and the white cell, grown, are left out. The
+    distance to the background peaks at a red cell's centre at about its
+    radius, even where red cells touch (the peaks stay apart), so the 75th
+    percentile of the local maxima, doubled, is the diameter (the upper part,
+    because a cell cut by the frame or overlapped peaks lower).
+    Measured against BCCD's red-cell boxes (356 crops, as decoded for ``rbc-crop``): 0.80 of the
+    boxes' longer side (10th-90th percentile 0.63-1.06; a box includes what overlaps its cell); on
+    PBC ~70 px (quartiles 66-75) in its 360 px frames; none in 8% of PBC and 16% of BCCD images.
+    Known weak spot: where a box's context reaches past its field, the flat fill can pass for the
+    background and a crowded field reads about 2x too large (26 of BCCD's 356).
+    """
+    image = _as_rgb_uint8(image)
+    h, w = image.shape[:2]
+    k = _RBC_WORK / max(h, w)
+    small = cv2.resize(image, (max(8, round(w * k)), max(8, round(h * k))), interpolation=cv2.INTER_AREA)
+    lab = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32), (3, 3), 0)
+    light = lab[..., 0]
+    background = np.median(lab[light >= np.percentile(light, 90)], axis=0)
+    fg = (np.sqrt(((lab - background) ** 2).sum(-1)) > _RBC_MIN_DIFF).astype(np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    fg = _fill_holes(fg)
+    rgb = small.astype(np.float32)
+    stained = ((rgb[..., 2] - rgb[..., 1]) > _NUCLEUS_MIN_SCORE + 5).astype(np.uint8)
+    grow = max(3, int(round(_RBC_WORK * 0.1)) | 1)
+    out = cv2.dilate(stained, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow, grow))) > 0
+    if cell is not None:
+        x0, y0, x1, y1 = (int(round(v * k)) for v in cell.cell)
+        out[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+    dist = cv2.distanceTransform(fg, cv2.DIST_L2, 5)
+    peaks = (dist == cv2.dilate(dist, np.ones((9, 9), np.uint8))) & (dist >= 4) & ~out
+    values = dist[peaks]
+    if len(values) < _RBC_MIN_PEAKS:
+        return None
+    diameter = 2.0 * float(np.percentile(values, 75)) / k
+    if cell is not None and not _RBC_WBC_RATIO[0] <= cell.size / diameter <= _RBC_WBC_RATIO[1]:
+        return None
+    return diameter
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (0/1 ``uint8``) with every region of 0s that does not reach the border set to 1
+    (a red cell's pale centre); 4-connected background, as ``scipy.ndimage.binary_fill_holes``."""
+    h, w = mask.shape
+    padded = np.zeros((h + 2, w + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
+    flood = np.zeros((h + 4, w + 4), np.uint8)
+    cv2.floodFill(padded, flood, (0, 0), 2, flags=4)
+    return (padded[1:-1, 1:-1] != 2).astype(np.uint8)
+
+
+def rbc_crop_window(cell: CellBox, diameter: float | None, span: float) -> tuple[int, int, int]:
+    """``(left, top, side)``: a square of ``span`` red-cell diameters centred on ``cell``.
+
+    Without a ``diameter`` the square is :func:`cell_crop_window`'s at :data:`DEFAULT_CELL_SHARE`.
+    """
+    if diameter is None:
+        return cell_crop_window(cell, DEFAULT_CELL_SHARE)
+    cx, cy = cell.center
+    side = max(8, int(round(span * diameter)))
+    return int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), side
+
+
 def crop_window(image: np.ndarray, left: int, top: int, side: int, out: int) -> np.ndarray:
     """The ``side`` square at ``(left, top)`` of ``image``, resized to ``out`` x ``out``.
 
@@ -513,12 +616,18 @@ class Preprocessed:
     Attributes:
         image: the ``image_size`` square ``uint8`` output.
         cell: the white cell found by ``cell-crop`` (in decoded pixels), ``None`` otherwise.
-        fell_back: ``cell-crop`` found no cell and kept the whole frame.
+        fell_back: ``cell-crop``/``rbc-crop`` found no cell and kept the whole frame.
+        window: ``(left, top, side)`` of the decoded frame the output was cut from (a cell-centred
+            crop that found its cell), ``None`` otherwise.
+        ruler: ``rbc-crop``'s red-cell diameter in decoded pixels; ``None`` when none was
+            measurable (the crop then used ``cell-crop``'s share) or without ``rbc-crop``.
     """
 
     image: np.ndarray
     cell: CellBox | None = None
     fell_back: bool = False
+    window: tuple[int, int, int] | None = None
+    ruler: float | None = None
 
 
 @dataclass(frozen=True)
@@ -546,19 +655,23 @@ class Preprocess:
     resize: ResizeMode = "stretch"
     _crop_fraction: float = field(init=False, repr=False, compare=False)
     _cell_share: float | None = field(init=False, repr=False, compare=False)
+    _rbc_span: float | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _check_image_size(self.image_size))
         object.__setattr__(self, "resize", _check_resize(self.resize))
         object.__setattr__(self, "steps", parse_preprocess(self.steps))
-        frac, share = 1.0, None
+        frac, share, span = 1.0, None, None
         for s in self.steps:
             if s.startswith("center-crop:"):
                 frac = float(s.split(":", 1)[1])
             elif s.startswith("cell-crop:"):
                 share = float(s.split(":", 1)[1])
+            elif s.startswith("rbc-crop:"):
+                span = float(s.split(":", 1)[1])
         object.__setattr__(self, "_crop_fraction", frac)
         object.__setattr__(self, "_cell_share", share)
+        object.__setattr__(self, "_rbc_span", span)
 
     @property
     def crop_fraction(self) -> float:
@@ -571,10 +684,20 @@ class Preprocess:
         return self._cell_share
 
     @property
+    def rbc_span(self) -> float | None:
+        """Window side in red-cell diameters after ``rbc-crop`` (``None`` without it)."""
+        return self._rbc_span
+
+    @property
+    def cell_centred(self) -> bool:
+        """Whether the output is cut around a found white cell (``cell-crop`` or ``rbc-crop``)."""
+        return self._cell_share is not None or self._rbc_span is not None
+
+    @property
     def decode_size(self) -> int:
         """Side to decode at: the centre crop leaves exactly :attr:`image_size`; the cell crop
         gets :data:`_CELL_DECODE_FACTOR` times it, to cut its window from."""
-        if self._cell_share is not None:
+        if self.cell_centred:
             return self.image_size * _CELL_DECODE_FACTOR
         if self._crop_fraction >= 1.0:
             return self.image_size
@@ -584,8 +707,10 @@ class Preprocess:
     def fingerprint(self) -> str:
         """Short stable hash of everything that decides the output pixels."""
         text = f"v1|{self.image_size}|{self.decode_size}|{self.resize}|{';'.join(self.steps)}"
-        if self._cell_share is not None:  # the search itself decides the pixels too
+        if self.cell_centred:  # the search itself decides the pixels too
             text += f"|cell-v{CELL_CROP_VERSION}"
+        if self._rbc_span is not None:
+            text += f"|rbc-v{RBC_CROP_VERSION}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def run(self, image: np.ndarray) -> Preprocessed:
@@ -595,14 +720,21 @@ class Preprocess:
         if image.shape[0] != d or image.shape[1] != d:
             pil = _resize(Image.fromarray(image), (d, d), self.resize, 0)
             image = np.asarray(pil, dtype=np.uint8)
-        cell, fell_back = None, False
-        if self._cell_share is not None:
+        cell, fell_back, window, ruler, share = None, False, None, None, None
+        if self.cell_centred:
             cell = find_cell(image)
             if cell is None:
                 fell_back = True
                 image = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
             else:
-                image = crop_window(image, *cell_crop_window(cell, self._cell_share), s)
+                if self._rbc_span is not None:
+                    ruler = red_cell_diameter(image, cell)
+                    window = rbc_crop_window(cell, ruler, self._rbc_span)
+                    share = min(1.0, cell.size / window[2])
+                else:
+                    window = cell_crop_window(cell, self._cell_share)
+                    share = self._cell_share
+                image = crop_window(image, *window, s)
         elif d != s:
             top = (d - s) // 2
             image = image[top : top + s, top : top + s]
@@ -613,8 +745,8 @@ class Preprocess:
             elif name == "reinhard":
                 image = reinhard(image, value)
             elif name == "smear-norm":
-                image = smear_norm(image, value, self._cell_share if cell is not None else None)
-        return Preprocessed(np.ascontiguousarray(image), cell, fell_back)
+                image = smear_norm(image, value, share)
+        return Preprocessed(np.ascontiguousarray(image), cell, fell_back, window, ruler)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Apply resize, crop and pixel steps; only the pixels (see :meth:`run` for the rest)."""
@@ -629,7 +761,10 @@ def step_versions(steps: Sequence[str] | str | None) -> dict[str, int]:
     so their keys stay as they were.
     """
     names = {s.partition(":")[0] for s in parse_preprocess(steps)}
-    return {"cell-crop": CELL_CROP_VERSION} if "cell-crop" in names else {}
+    versions = {"cell-crop": CELL_CROP_VERSION} if "cell-crop" in names else {}
+    if "rbc-crop" in names:
+        versions.update({"cell-crop": CELL_CROP_VERSION, "rbc-crop": RBC_CROP_VERSION})
+    return versions
 
 
 def build_preprocess(
@@ -708,7 +843,7 @@ def decode_raw(
 ) -> np.ndarray:
     """Decode one sample at ``preprocess.decode_size``, before any step (what :meth:`Preprocess.run` takes)."""
     crop = sample.crop
-    if crop is not None and preprocess.cell_share is not None:
+    if crop is not None and preprocess.cell_centred:
         crop = grow_box(crop, CELL_CONTEXT)
     return load(
         sample.path,
@@ -740,6 +875,8 @@ __all__ = [
     "CELL_CONTEXT",
     "CELL_CROP_VERSION",
     "DEFAULT_CELL_SHARE",
+    "DEFAULT_RBC_SPAN",
+    "RBC_CROP_VERSION",
     "PREPROCESS_STEPS",
     "REINHARD_TARGETS",
     "SMEAR_TARGETS",
@@ -758,6 +895,8 @@ __all__ = [
     "grow_box",
     "lab_stats",
     "parse_preprocess",
+    "rbc_crop_window",
+    "red_cell_diameter",
     "reinhard",
     "smear_mask",
     "smear_norm",

@@ -188,7 +188,7 @@ def evaluate_run(
     metrics = compute_metrics(y, probs, target_classes)
     metrics["data"] = {"source": source, "split": split, "n_images": len(kept), "failed": pred.failed}
     metrics["review"] = review_summary(predictor.meta, pred.logits, probs_model, predictor.temperature, y == probs.argmax(1))
-    if predictor.model_input.preprocess.cell_share is not None:
+    if predictor.model_input.preprocess.cell_centred:
         metrics["data"]["cell_crop"] = _cell_crop_check(kept, predictor.model_input.preprocess, echo)
     if not own_data:
         metrics["in_lab"] = in_lab_metrics(run, tta=tta)
@@ -271,12 +271,17 @@ def in_lab_metrics(run: RunFolder, *, tta: bool = False) -> dict[str, Any] | Non
 
 
 def _cell_crop_check(samples: list[Sample], preprocess: Any, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Which evaluated images ``cell-crop`` found no cell in (they were classified from the whole frame)."""
+    """Which evaluated images ``cell-crop``/``rbc-crop`` found no cell in (classified from the whole frame)
+    and, with ``rbc-crop``, which had no red-cell ruler (cropped at ``cell-crop``'s share)."""
     from leuko.data.crops import crop_report
 
     report = crop_report(samples, preprocess)
-    echo(f"cell-crop: {report.summary()}")
-    return {"found": len(report.records) - len(report.fallbacks), "fell_back": report.fallbacks}
+    step = "rbc-crop" if preprocess.rbc_span is not None else "cell-crop"
+    echo(f"{step}: {report.summary()}")
+    out: dict[str, Any] = {"step": step, "found": len(report.records) - len(report.fallbacks), "fell_back": report.fallbacks}
+    if preprocess.rbc_span is not None:
+        out["no_ruler"] = report.no_ruler
+    return out
 
 
 def _figures(out_dir: Path, run: RunFolder, metrics: dict, y: np.ndarray, probs: np.ndarray, kept: list[Sample], classes: list[str]) -> None:
