@@ -215,6 +215,29 @@ def test_geometry_cell_crop(tmp_path: Path) -> None:
     assert xs.min() <= 40 <= xs.max() and ys.min() <= 40 <= ys.max()
 
 
+def test_geometry_rbc_crop(tmp_path: Path) -> None:
+    """rbc-crop's window is sized by the red cells: the map covers exactly that window."""
+    from leuko.explain.gradcam import input_box
+
+    cam = GradCAM(Predictor(crafted_run(tmp_path, preprocess=["rbc-crop:3"]), device="cpu"))
+    img = np.empty((200, 200, 3), np.uint8)
+    img[...] = (238, 222, 205)  # smear background
+    yy, xx = np.mgrid[0:200, 0:200]
+    for cx, cy in ((20, 20), (170, 30), (30, 170), (175, 175), (100, 180), (180, 100), (20, 100)):
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < 12**2] = (222, 160, 165)  # red cells, 24 px across
+    img[(xx - 90) ** 2 + (yy - 95) ** 2 < 22**2] = (200, 176, 218)  # cytoplasm
+    img[(xx - 90) ** 2 + (yy - 95) ** 2 < 12**2] = (88, 46, 152)  # nucleus
+    pre = cam.predictor.model_input.preprocess
+    done = pre.run(np.asarray(Image.fromarray(img).resize((pre.decode_size,) * 2, Image.BILINEAR)))
+    assert done.ruler is not None and done.window is not None
+    x0, y0, x1, y1 = input_box(200, 200, pre, window=done.window)
+    assert x1 - x0 == pytest.approx(3 * 24, rel=0.2)  # 3 red-cell diameters
+    exp = cam.explain_array(img, "red")
+    ys, xs = np.nonzero(exp.cam)
+    assert xs.min() >= x0 - 2 and xs.max() <= x1 + 2 and ys.min() >= y0 - 2 and ys.max() <= y1 + 2
+    assert xs.min() <= 90 <= xs.max() and ys.min() <= 95 <= ys.max()
+
+
 def test_input_box_follows_the_window_the_preprocessing_cut() -> None:
     """rbc-crop's window depends on the red cells, not only on the cell: the box is the window
     ``Preprocess.run`` reports, mapped back from decoded to source pixels."""
