@@ -143,8 +143,8 @@ def find_target_layer(model: nn.Module, image_size: int, *, device: torch.device
 
 
 def input_box(
-    height: int, width: int, preprocess: Preprocess, *, cell: Any = None, fell_back: bool = False,
-    window: tuple[int, int, int] | None = None,
+    height: int, width: int, preprocess: Preprocess, *, window: tuple[int, int, int] | None = None,
+    fell_back: bool = False,
 ) -> tuple[float, float, float, float]:
     """``(x0, y0, x1, y1)``: the part of an ``height x width`` image the model input covers.
 
@@ -154,9 +154,8 @@ def input_box(
     ``stretch`` covers the image; ``pad`` covers a larger square around it
     (the box extends past the image); ``crop``, ``center-crop`` and
     ``cell-crop``/``rbc-crop`` cover a part of it (the rest was never seen). A cell-centred crop
-    depends on the image: pass the ``window`` that ``Preprocess.run`` cut (``rbc-crop``'s also
-    depends on the red cells), or for ``cell-crop`` the ``cell`` it found; ``fell_back=True``
-    when it found none and kept the whole frame.
+    depends on the image: pass the ``window`` that ``Preprocess.run`` cut (``Preprocessed.window``),
+    or ``fell_back=True`` when it found no cell and kept the whole frame.
     """
     d = preprocess.decode_size
     w, h = float(width), float(height)
@@ -173,15 +172,9 @@ def input_box(
         left, top = (nw - d) // 2, (nh - d) // 2
         x0, y0, x1, y1 = left / sx, top / sy, (left + d) / sx, (top + d) / sy
     # the window of the d x d decoded frame that becomes the model input
-    share = getattr(preprocess, "cell_share", None)
-    centred = bool(getattr(preprocess, "cell_centred", share is not None))
     if window is not None:
         wl, wt, ws = window
-    elif share is not None and cell is not None:
-        from leuko.data.preprocess import cell_crop_window
-
-        wl, wt, ws = cell_crop_window(cell, share)
-    elif centred or fell_back:
+    elif fell_back or getattr(preprocess, "cell_centred", False):
         wl, wt, ws = 0, 0, d
     else:
         s = preprocess.image_size
@@ -332,8 +325,8 @@ class GradCAM:
         if run is None:
             return self.transform(image), input_box(image.shape[0], image.shape[1], pre)
         done = run(image)
-        box = input_box(image.shape[0], image.shape[1], pre, cell=getattr(done, "cell", None),
-                        fell_back=bool(getattr(done, "fell_back", False)), window=getattr(done, "window", None))
+        box = input_box(image.shape[0], image.shape[1], pre, window=getattr(done, "window", None),
+                        fell_back=bool(getattr(done, "fell_back", False)))
         return self.transform.from_preprocessed(done.image), box
 
     def _explain(self, image: np.ndarray, target: int | str | None) -> Explanation:
