@@ -615,7 +615,7 @@ class Preprocessed:
 
     Attributes:
         image: the ``image_size`` square ``uint8`` output.
-        cell: the white cell found by ``cell-crop`` (in decoded pixels), ``None`` otherwise.
+        cell: the white cell found by ``cell-crop``/``rbc-crop`` (in decoded pixels), ``None`` otherwise.
         fell_back: ``cell-crop``/``rbc-crop`` found no cell and kept the whole frame.
         window: ``(left, top, side)`` of the decoded frame the output was cut from (a cell-centred
             crop that found its cell), ``None`` otherwise.
@@ -761,9 +761,11 @@ def step_versions(steps: Sequence[str] | str | None) -> dict[str, int]:
     so their keys stay as they were.
     """
     names = {s.partition(":")[0] for s in parse_preprocess(steps)}
-    versions = {"cell-crop": CELL_CROP_VERSION} if "cell-crop" in names else {}
+    versions: dict[str, int] = {}
+    if names & {"cell-crop", "rbc-crop"}:  # rbc-crop runs the cell search too
+        versions["cell-crop"] = CELL_CROP_VERSION
     if "rbc-crop" in names:
-        versions.update({"cell-crop": CELL_CROP_VERSION, "rbc-crop": RBC_CROP_VERSION})
+        versions["rbc-crop"] = RBC_CROP_VERSION
     return versions
 
 
