@@ -33,6 +33,7 @@ from leuko.infer.review import ReviewPolicy
 from leuko.runs import RunFolder
 from leuko.train.config import load_config
 from leuko.train.data import prepare_data
+from leuko.train.distill import heldout_seen_by
 
 
 def scores(expert: Predictor, robust: Predictor, samples: list, class_map: ClassMap | None) -> dict[str, float]:
@@ -79,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(run.config)
         prepared = prepare_data(cfg.data, seed=cfg.train.seed, split_file=run.split)
         home = prepared.test
-        seen = RunFolder.open(args.expert).read_json("split.json").get("assignments", {})
-        leaked = [s.key for s in home if seen.get(s.relkey(prepared.index.root)) in ("train", "val")]
+        leaked = heldout_seen_by(RunFolder.open(args.expert), prepared)
         if leaked:
             raise LeukoError(f"{len(leaked)} of the robust run's held-out images were in the expert's training or "
                              f"validation split (e.g. {leaked[0]}): the two runs need the same split")

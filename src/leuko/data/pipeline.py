@@ -333,6 +333,9 @@ class SampleDataset(Dataset):
             samples now; a :class:`DecodedCache` (e.g. one built on the whole
             dataset) is used as given; ``False`` decodes on every read.
         cache_workers: processes used to build the cache (default: all CPUs).
+        soft_targets: optional ``N x C`` per-sample target distributions (a
+            teacher's answers, :mod:`leuko.train.distill`); items are then
+            ``(image, target, soft_target)``.
 
     Raises:
         LeukoError: a label missing from ``class_to_index``, a size mismatch, or
@@ -350,8 +353,14 @@ class SampleDataset(Dataset):
         *,
         cache_workers: int | None = None,
         progress: ProgressFn | None = None,
+        soft_targets: np.ndarray | None = None,
     ) -> None:
         self.samples = list(samples)
+        if soft_targets is not None:
+            soft_targets = np.asarray(soft_targets, dtype=np.float32)
+            if soft_targets.ndim != 2 or len(soft_targets) != len(self.samples):
+                raise LeukoError(f"soft_targets must have one row per sample ({len(self.samples)}); got shape {soft_targets.shape}")
+        self.soft_targets = soft_targets
         missing = sorted({s.label for s in self.samples} - set(class_to_index))
         if missing:
             raise LeukoError(
@@ -402,13 +411,15 @@ class SampleDataset(Dataset):
             return self.cache[self._rows[i]]
         return decode_sample(self.samples[i], self.preprocess)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
         image = self.load(i)
         t = self.transform
         if isinstance(t, Transform):
-            return t.from_preprocessed(image), self.targets[i]
-        if t is not None:
-            return t(image), self.targets[i]
+            image = t.from_preprocessed(image)
+        elif t is not None:
+            image = t(image)
+        if self.soft_targets is not None:
+            return image, self.targets[i], self.soft_targets[i]
         return image, self.targets[i]
 
     def reseed(self, seed: int | None) -> None:

@@ -87,6 +87,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     shuffle: bool = Field(True, description="Shuffle training batches (off only for exact DDP-vs-single comparisons).")
     fast_features: Literal["auto", "on", "off"] = Field("auto", description="Frozen backbone + no augmentation: cache features, train the head alone.")
+    distill_from: Optional[str] = Field(None, description="A finished run whose answers on the training images the model also learns (knowledge distillation; leuko.train.distill).")
+    distill_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the loss that is the teacher's (the rest: the labels).")
+    distill_temperature: float = Field(2.0, gt=0.0, le=20.0, description="Softmax temperature of teacher and student in the distillation term.")
 
 
 class TrainerConfig(_Strict):

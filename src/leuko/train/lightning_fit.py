@@ -56,8 +56,13 @@ def resume_checkpoint(run: RunFolder, echo: Callable[[str], None]) -> tuple[Any,
     raise LeukoError(f"cannot resume {run.path}: {run.last_ckpt.name} cannot be read ({last}) and best.ckpt is {best if best == 'missing' else 'unreadable too'}")
 
 
-def build_loaders(model: torch.nn.Module, cfg: RunConfig, data: PreparedData) -> tuple[Any, Any | None]:
-    """Train and validation DataLoaders (decoded-image cache, augmentation, balanced sampling)."""
+def build_loaders(
+    model: torch.nn.Module, cfg: RunConfig, data: PreparedData, soft_targets: np.ndarray | None = None
+) -> tuple[Any, Any | None]:
+    """Train and validation DataLoaders (decoded-image cache, augmentation, balanced sampling).
+
+    ``soft_targets``: a teacher's answers on ``data.train`` (:mod:`leuko.train.distill`), served with each item.
+    """
     info = model.leuko_info  # type: ignore[attr-defined]
     c2i = {c: i for i, c in enumerate(data.classes)}
     t_train = run_transform(cfg.data, info, train=True, seed=cfg.train.seed)
@@ -67,7 +72,7 @@ def build_loaders(model: torch.nn.Module, cfg: RunConfig, data: PreparedData) ->
         from leuko.data.pipeline import DecodedCache
 
         cache = DecodedCache(data.train + data.val, t_train.preprocess)
-    train_ds = SampleDataset(data.train, c2i, cfg.data.image_size, transform=t_train, cache=cache)
+    train_ds = SampleDataset(data.train, c2i, cfg.data.image_size, transform=t_train, cache=cache, soft_targets=soft_targets)
     loader_kw: dict[str, Any] = {"num_workers": cfg.data.num_workers, "seed": cfg.train.seed}
     if cfg.train.sampler == "balanced":
         w = class_weights_for(train_ds.targets, len(data.classes))[torch.tensor(train_ds.targets)]
@@ -104,8 +109,14 @@ def fit_lightning(
     """Train ``model`` in place (best weights loaded at the end); returns a :class:`TrainResult`."""
     from leuko.train.runner import TrainResult
 
+    soft = None
+    if cfg.train.distill_from:
+        from leuko.train.distill import check_teacher, teacher_targets
+
+        teacher = check_teacher(cfg.train.distill_from, data)
+        soft = teacher_targets(teacher, data.train, data.classes, cfg.train.distill_temperature, echo=echo)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    train_loader, val_loader = build_loaders(model, cfg, data)
+    train_loader, val_loader = build_loaders(model, cfg, data, soft)
     weights = class_weights_for(train_loader.dataset.targets, len(data.classes)) if cfg.train.class_weights == "balanced" else None
     module = LeukoClassifier(model, cfg, data.classes, class_weights=weights, steps_per_epoch=len(train_loader))
     has_val = val_loader is not None

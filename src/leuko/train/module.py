@@ -68,10 +68,15 @@ class LeukoClassifier(pl.LightningModule):
             logits, y, weight=self.class_weights, label_smoothing=self.config.train.label_smoothing
         )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, *soft = batch  # a third item: the teacher's answers (train.distill_from)
         logits = self(x)
         loss = self._loss(logits, y)
+        if soft:
+            from leuko.train.distill import distill_loss
+
+            w = self.config.train.distill_weight
+            loss = (1.0 - w) * loss + w * distill_loss(logits, soft[0], self.config.train.distill_temperature)
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("train_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)

@@ -64,10 +64,11 @@ def uses_feature_path(config: RunConfig) -> bool:
         and config.data.augment == "none"
         and config.model.two_stage_epochs == 0
         and config.train.ema is None
+        and config.train.distill_from is None
     )
     if mode == "on" and not eligible:
         raise LeukoError(
-            "train.fast_features=on needs model.freeze=backbone, data.augment=none, no two-stage and no EMA"
+            "train.fast_features=on needs model.freeze=backbone, data.augment=none, no two-stage, no EMA and no distillation"
         )
     return eligible
 
@@ -201,6 +202,10 @@ def train(
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     data = prepare_data(cfg.data, seed=cfg.train.seed, data_path=data_path, split_file=split_file)
+    if cfg.train.distill_from:
+        from leuko.train.distill import check_teacher
+
+        check_teacher(cfg.train.distill_from, data)  # before the run folder exists
     pretrained = resolve_pretrained(cfg)
     from lightning.fabric.utilities.seed import seed_everything
 
