@@ -410,7 +410,7 @@ def evaluate_cmd(
     layout: Optional[str] = LayoutOpt,
     split: str = typer.Option("test", "--split", help="train, val, test (of the run's split) or all."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/eval/<split>, <split>-tta with --tta)."),
-    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML/JSON with 'merge' and 'exclude' to match another label set, or a shipped map by name (pbc-to-bccd)."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML/JSON with 'merge' and 'exclude' to match another label set, or a shipped map by name (pbc-to-five: PBC's 8 classes onto the five white-cell types; alias pbc-to-bccd)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (flips, 90-degree rotation)."),
     margin: Optional[float] = typer.Option(None, help="bccd: crop margin around each WBC box (fraction of its side)."),
 ) -> None:
@@ -605,7 +605,7 @@ def adapt_cmd(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per BatchNorm batch."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="AdaBN: estimate on a resample whose predicted-class mix is the training split's (labs differ in which cells they see, not only in how they look)."),
     method: str = typer.Option("adabn", "--method", help="adabn: re-estimate BatchNorm statistics; self-train: fine-tune on the model's own confident predictions (works on freeze: bn models too)."),
-    class_map: Optional[str] = typer.Option(None, "--class-map", help="self-train: a class map (file or shipped name, e.g. pbc-to-bccd) whose 'exclude' lists classes the new lab's images cannot be."),
+    class_map: Optional[str] = typer.Option(None, "--class-map", help="self-train: a class map (file or shipped name, e.g. pbc-to-five) whose 'exclude' lists classes the new lab's images cannot be."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="self-train: passes over the kept images (default 5)."),
     keep: Optional[float] = typer.Option(None, "--keep", help="self-train: share of each predicted class kept, most confident first (default 0.5)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the GPU when there is one)."),

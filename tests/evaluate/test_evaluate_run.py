@@ -130,10 +130,11 @@ def test_class_map_merges_and_excludes_on_another_label_set(tiny_run: Path, tmp_
     assert call(["evaluate", str(tiny_run), "--data", str(lab), "--out", str(tmp_path / "ev3")]) == 2
 
 
-def test_shipped_class_map_by_name() -> None:
-    cm = ClassMap.load("pbc-to-bccd")
-    assert cm.merge == {"ig": "neutrophil"} and sorted(cm.exclude) == ["erythroblast", "platelet"]
-    with pytest.raises(LeukoError, match="shipped maps: pbc-to-bccd"):
+def test_shipped_class_map_by_name_and_by_its_older_name() -> None:
+    for name in ("pbc-to-five", "pbc-to-bccd"):
+        cm = ClassMap.load(name)
+        assert cm.merge == {"ig": "neutrophil"} and sorted(cm.exclude) == ["erythroblast", "platelet"]
+    with pytest.raises(LeukoError, match="shipped maps: pbc-to-bccd, pbc-to-five"):
         ClassMap.load("no-such-map")
 
 

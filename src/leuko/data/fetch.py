@@ -204,7 +204,7 @@ a stable file address with a checksum), so leuko does not download it. By hand:
      Lymphocyte, Monocyte, Neutrophil) and is a dataset root of its own. The authors set
      TestB apart to test generalisation to other imaging conditions: the harder check.
   4. Check it: leuko data inspect {dest}/TestA --layout folder
-     Evaluate a PBC-trained model on it with --class-map pbc-to-bccd (the same five types).
+     Evaluate a PBC-trained model on it with --class-map pbc-to-five (the same five types).
 Any other folder works too: pass the dataset root with --data."""
 
 

@@ -37,6 +37,10 @@ from leuko.runs import RunFolder
 log = logging.getLogger("leuko.evaluate")
 
 
+SHIPPED_ALIASES = {"pbc-to-bccd": "pbc-to-five"}
+"""Older names of shipped class maps: ``pbc-to-bccd`` was named for the one five-type lab on disk."""
+
+
 @dataclass
 class ClassMap:
     """How model classes become target classes."""
@@ -46,14 +50,15 @@ class ClassMap:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClassMap":
-        """Read a class map file, or a shipped one by name (``pbc-to-bccd``)."""
+        """Read a class map file, or a shipped one by name (``pbc-to-five``, alias ``pbc-to-bccd``)."""
         p = Path(path)
         if not p.is_file():
             from leuko.recipes import RECIPES_DIR
 
-            shipped = RECIPES_DIR / "classmaps" / f"{path}.yaml"
+            name = SHIPPED_ALIASES.get(str(path), str(path))
+            shipped = RECIPES_DIR / "classmaps" / f"{name}.yaml"
             if not shipped.is_file():
-                names = sorted(q.stem for q in (RECIPES_DIR / "classmaps").glob("*.yaml"))
+                names = sorted([q.stem for q in (RECIPES_DIR / "classmaps").glob("*.yaml")] + list(SHIPPED_ALIASES))
                 raise LeukoError(f"class map not found: {p} (shipped maps: {', '.join(names)})")
             p = shipped
         try:
