@@ -83,6 +83,7 @@ def teacher_targets(
     temperature: float,
     *,
     tta: bool = True,
+    device: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> np.ndarray:
     """The teacher's soft answers, ``softmax(logits / temperature)``, one row per sample in ``classes`` order.
@@ -90,12 +91,13 @@ def teacher_targets(
     The teacher reads each image through its own preprocessing and size (its
     ``model.pt`` says which), averaged over the flips and rotations of
     test-time augmentation by default: the answers are computed once, so the
-    eight views cost one pass over the training set.
+    eight views cost one pass over the training set. ``device``: where the
+    teacher runs (``None``: the GPU when there is one).
     """
     from leuko.evaluate.calibration import softmax
     from leuko.infer import Predictor
 
-    predictor = Predictor(teacher.path, device="cpu")
+    predictor = Predictor(teacher.path, device=device)
     if sorted(predictor.classes) != sorted(classes):
         raise LeukoError(f"train.distill_from: the teacher's classes ({', '.join(predictor.classes)}) are not this run's")
     echo(f"distillation: {teacher.path} answers {len(samples)} training images ({predictor.describe()}{', TTA' if tta else ''})")

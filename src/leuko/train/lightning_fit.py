@@ -114,7 +114,8 @@ def fit_lightning(
         from leuko.train.distill import check_teacher, teacher_targets
 
         teacher = check_teacher(cfg.train.distill_from, data)
-        soft = teacher_targets(teacher, data.train, data.classes, cfg.train.distill_temperature, echo=echo)
+        device = "cpu" if cfg.trainer.accelerator == "cpu" else None
+        soft = teacher_targets(teacher, data.train, data.classes, cfg.train.distill_temperature, device=device, echo=echo)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     train_loader, val_loader = build_loaders(model, cfg, data, soft)
     weights = class_weights_for(train_loader.dataset.targets, len(data.classes)) if cfg.train.class_weights == "balanced" else None
