@@ -24,3 +24,26 @@ def make_cell(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0, hue: 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, format=fmt)
     return path
+
+
+TINY_TRAIN = [
+    "model.name=custom_cnn",
+    "model.pretrained=none",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "train.epochs=2",
+    "train.batch_size=8",
+    "train.lr=0.01",
+    "trainer.progress=false",
+]
+"""Overrides for a training run of seconds on :func:`make_tree`'s cells (the ``tiny_data`` fixture)."""
+
+TINY_CLASSES = ("eosinophil", "lymphocyte", "neutrophil")
+
+
+def make_tree(root: Path, per_class: int = 20) -> Path:
+    """Three classes of ``per_class`` 48 px cells, each class its own hue, under ``root/<class>/``."""
+    for ci, cls in enumerate(TINY_CLASSES):
+        for i in range(per_class):
+            make_cell(root / cls / f"{i}.png", size=(48, 48), seed=1000 * ci + i, hue=70 * ci)
+    return root

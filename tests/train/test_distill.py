@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cells import make_cell
+from cells import TINY_TRAIN
 from leuko.errors import LeukoError
 from leuko.infer import Predictor
 from leuko.runs import RunFolder
@@ -17,27 +17,7 @@ from leuko.train import load_config, train
 from leuko.train.data import prepare_data
 from leuko.train.distill import check_teacher, distill_loss, heldout_seen_by, teacher_targets
 
-TINY = [
-    "model.name=custom_cnn",
-    "model.pretrained=none",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "train.epochs=2",
-    "train.batch_size=8",
-    "train.lr=0.01",
-    "trainer.progress=false",
-]
-CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
-
-
-@pytest.fixture
-def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LEUKO_CACHE_DIR", str(tmp_path / "cache"))
-    root = tmp_path / "cells"
-    for ci, cls in enumerate(CLASSES):
-        for i in range(20):
-            make_cell(root / cls / f"{i}.png", size=(48, 48), seed=1000 * ci + i, hue=70 * ci)
-    return root
+TINY = TINY_TRAIN
 
 
 @pytest.fixture

@@ -13,31 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cells import make_cell
+from cells import TINY_TRAIN
 from leuko.errors import LeukoError
 from leuko.runs import RunFolder, load_model
 from leuko.train import load_config, train
 
-TINY = [
-    "model.name=custom_cnn",
-    "model.pretrained=none",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "train.epochs=2",
-    "train.batch_size=8",
-    "train.lr=0.01",
-    "trainer.progress=false",
-]
-
-
-@pytest.fixture
-def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LEUKO_CACHE_DIR", str(tmp_path / "cache"))
-    root = tmp_path / "cells"
-    for ci, cls in enumerate(["eosinophil", "lymphocyte", "neutrophil"]):
-        for i in range(20):
-            make_cell(root / cls / f"{i}.png", size=(48, 48), seed=1000 * ci + i, hue=70 * ci)
-    return root
+TINY = TINY_TRAIN
 
 
 def read_metrics(run: Path) -> list[dict[str, str]]:
