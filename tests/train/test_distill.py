@@ -89,5 +89,5 @@ def test_teachers_with_other_classes_or_no_model_are_refused(tiny_data: Path, tm
     (two / "model.pt").unlink()
     with pytest.raises(LeukoError, match="has no model.pt"):
         check_teacher(two, data)
-    with pytest.raises(LeukoError, match="run folder not found"):
+    with pytest.raises(LeukoError, match="train.distill_from: run folder not found"):
         check_teacher(tmp_path / "nowhere", data)

@@ -59,7 +59,10 @@ def check_teacher(teacher_dir: str | Path, data: PreparedData) -> RunFolder:
         LeukoError: no finished run there, its classes are not the student's,
             or it trained or validated on the student's held-out images.
     """
-    teacher = RunFolder.open(teacher_dir)
+    try:
+        teacher = RunFolder.open(teacher_dir)
+    except LeukoError as exc:
+        raise LeukoError(f"train.distill_from: {exc}") from None
     if not teacher.model.is_file():
         raise LeukoError(f"train.distill_from: {teacher.path} has no model.pt (the teacher run has not finished)")
     classes = teacher.read_json("classes.json")
