@@ -104,16 +104,20 @@ def fit_lightning(
     run: RunFolder,
     *,
     resume: bool = False,
+    teacher: RunFolder | None = None,
     echo: Callable[[str], None] = print,
 ):
-    """Train ``model`` in place (best weights loaded at the end); returns a :class:`TrainResult`."""
+    """Train ``model`` in place (best weights loaded at the end); returns a :class:`TrainResult`.
+
+    ``teacher``: the run ``train.distill_from`` names, already checked
+    (:func:`leuko.train.distill.check_teacher`); it answers the training images once, here.
+    """
     from leuko.train.runner import TrainResult
 
     soft = None
-    if cfg.train.distill_from:
-        from leuko.train.distill import check_teacher, teacher_targets
+    if teacher is not None:
+        from leuko.train.distill import teacher_targets
 
-        teacher = check_teacher(cfg.train.distill_from, data)
         device = "cpu" if cfg.trainer.accelerator == "cpu" else None
         soft = teacher_targets(teacher, data.train, data.classes, cfg.train.distill_temperature, device=device, echo=echo)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leuko.train.config import RunConfig
+from leuko.train.distill import distill_loss
 
 
 class LeukoClassifier(pl.LightningModule):
@@ -73,8 +74,6 @@ class LeukoClassifier(pl.LightningModule):
         logits = self(x)
         loss = self._loss(logits, y)
         if soft:
-            from leuko.train.distill import distill_loss
-
             w = self.config.train.distill_weight
             loss = (1.0 - w) * loss + w * distill_loss(logits, soft[0], self.config.train.distill_temperature)
         acc = (logits.argmax(1) == y).float().mean()

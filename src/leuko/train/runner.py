@@ -202,10 +202,11 @@ def train(
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     data = prepare_data(cfg.data, seed=cfg.train.seed, data_path=data_path, split_file=split_file)
+    teacher = None
     if cfg.train.distill_from:
         from leuko.train.distill import check_teacher
 
-        check_teacher(cfg.train.distill_from, data)  # before the run folder exists
+        teacher = check_teacher(cfg.train.distill_from, data)  # before the run folder exists
     pretrained = resolve_pretrained(cfg)
     from lightning.fabric.utilities.seed import seed_everything
 
@@ -258,7 +259,7 @@ def train(
         else:
             from leuko.train.lightning_fit import fit_lightning
 
-            result = fit_lightning(model, cfg, data, run, resume=resume, echo=echo)
+            result = fit_lightning(model, cfg, data, run, resume=resume, teacher=teacher, echo=echo)
         if rank == 0:
             meta = model_meta(cfg, data.classes, info, pretrained)
             calibration = calibrate(model, cfg, data, info)
