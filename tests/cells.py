@@ -8,13 +8,14 @@ import numpy as np
 from PIL import Image
 
 
-def make_cell(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0, hue: int = 0, fmt: str | None = None) -> Path:
-    """Write a synthetic cell image (deterministic for ``seed``)."""
+def make_cell(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0, hue: int = 0, fmt: str | None = None,
+              background: tuple[int, int, int] = (230, 200, 205)) -> Path:
+    """Write a synthetic cell image (deterministic for ``seed``); ``background``: the smear's RGB (another lab's stain)."""
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
     img = np.empty((h, w, 3), dtype=np.float32)
-    img[...] = (230, 200, 205)
+    img[...] = background
     cx, cy = w / 2 + rng.uniform(-w / 8, w / 8), h / 2 + rng.uniform(-h / 8, h / 8)
     r = min(w, h) * rng.uniform(0.2, 0.35)
     mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
@@ -47,3 +48,20 @@ def make_tree(root: Path, per_class: int = 20) -> Path:
         for i in range(per_class):
             make_cell(root / cls / f"{i}.png", size=(48, 48), seed=1000 * ci + i, hue=70 * ci)
     return root
+
+
+TINY_RUN = [
+    "model.name=custom_cnn",
+    "model.pretrained=none",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.preprocess=[clahe]",
+    "data.resize=pad",
+    "model.freeze=backbone",
+    "train.epochs=5",
+    "train.batch_size=16",
+    "train.lr=0.01",
+    "trainer.progress=false",
+]
+"""Overrides for the inference tests' trained run: a custom_cnn at 32 px, head fitted on frozen features (seconds),
+with CLAHE and ``pad`` resizing so exported metadata carries non-default preprocessing."""

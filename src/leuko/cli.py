@@ -439,6 +439,11 @@ def evaluate_cmd(
             + ("none accepted" if acc_ok is None else f"the accepted {1 - rv['flagged']:.1%} are {acc_ok:.2%} correct"),
             highlight=False,
         )
+    route = m.get("route")
+    if route:
+        console.print("route: " + "; ".join(
+            f"{name} network answered {r['share']:.1%}" + ("" if r["accuracy"] is None else f" ({r['accuracy']:.2%} correct)")
+            for name, r in route.items()), highlight=False)
     for note in m["class_map"]["notes"]:
         console.print(f"[dim]class map: {note}[/]")
     for path, reason in m["data"]["failed"]:
@@ -490,6 +495,10 @@ def _print_side_by_side(run_dir: Path, m: dict) -> None:
             continue
         delta = "" if a is None or b is None else f"{b - a:+.4f}"
         table.add_row(label, fmt(a), fmt(b), delta)
+    ha, hb = (inlab.get("route") or {}).get("home"), (m.get("route") or {}).get("home")
+    if ha or hb:
+        a, b = (ha or {}).get("share"), (hb or {}).get("share")
+        table.add_row("answered by the home network", fmt(a), fmt(b), "" if a is None or b is None else f"{b - a:+.4f}")
     console.print(table)
     console.print(f"[dim]in-lab: {inlab.get('source')}; the new lab is scored on its own label set (class map applied)[/]",
                   highlight=False)
@@ -559,14 +568,25 @@ def predict_cmd(
     extra = [c for c in result.frame.columns if c.startswith("top") and not c.endswith("_p")]
     for c in extra:
         table.add_column(c)
+    routed = "answered_by" in result.frame.columns
+    table.add_column("review")
+    if routed:
+        table.add_column("network")
     for _, row in result.frame.head(50).iterrows():
         table.add_row(Path(str(row["path"])).name, str(row["pred"]), f"{row['confidence']:.3f}",
-                      *[f"{row[c]} ({row[c + '_p']:.2f})" for c in extra])
+                      *[f"{row[c]} ({row[c + '_p']:.2f})" for c in extra], str(row["review_reasons"]),
+                      *([str(row["answered_by"])] if routed else []))
     console.print(table)
     if len(result.frame) > 50:
         console.print(f"... {len(result.frame) - 50} more (use --out to save all)")
-    counts = result.frame["pred"].value_counts() if len(result.frame) else {}
+    frame = result.frame
+    counts = frame["pred"].value_counts() if len(frame) else {}
     console.print("predicted: " + ", ".join(f"{k} {v}" for k, v in dict(counts).items()) + f"; {len(result.failed)} unreadable")
+    if len(frame):
+        unlike = frame["review_reasons"].str.contains("unlike the training data").sum()
+        console.print(f"review: {int(frame['review'].sum())} of {len(frame)} flagged ({unlike} unlike the training data)"
+                      + (f"; home network answered {int((frame['answered_by'] == 'home').sum())}" if routed else ""),
+                      highlight=False)
     if out is not None:
         console.print(f"[green]written:[/] {write_predictions(result, out)}")
 
@@ -624,6 +644,27 @@ def adapt_cmd(
     else:
         console.print(f"self-trained on {sum(res.adapted['kept'].values())} of {res.n_images} images ({res.adapted['steps']} steps)")
     console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out} --data {data})", highlight=False)
+
+
+@app.command("route")
+def route_cmd(
+    home: Path = typer.Argument(..., help="The run that is best on its own lab (e.g. runs/pbc-best)."),
+    robust: Path = typer.Argument(..., help="The run meant for other labs (e.g. runs/pbc-robust), same lab and split."),
+    out: Path = typer.Option(..., "--out", "-o", help="The routed run folder to create (must not exist)."),
+    quantile: float = typer.Option(0.99, "--quantile", help="Gate threshold: this quantile of the validation split's smear-colour distances."),
+    energy: bool = typer.Option(True, "--energy/--no-energy", help="Also route to the robust network what the home network calls unlike its training data."),
+) -> None:
+    """One run of two networks: the home network answers images whose smear looks like its lab, the robust one the rest."""
+    from leuko.train.route import build_route
+
+    res = build_route(home, robust, out, quantile=quantile, energy=energy, echo=console.print)
+    acc = res.val_accuracy
+    fmt = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
+    console.print(f"gate: smear-colour distance <= {res.gate.threshold:.2f} ({res.gate.chosen_on})"
+                  + ("; and the home network's energy check" if energy else ""), highlight=False)
+    console.print(f"validation split: the home network answers {res.val_home_share:.1%} ({fmt(acc['home'])} correct), "
+                  f"the robust one the rest ({fmt(acc['robust'])}); routed {fmt(acc['routed'])}", highlight=False)
+    console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out})", highlight=False)
 
 
 # ------------------------------------------------------------------ serve

@@ -33,6 +33,11 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written, so the
     import torch
 
 MODEL_FORMAT = 1
+ROUTE_FILE = "route.json"
+"""Marks a routed run (:mod:`leuko.infer.route`): ``model.pt`` is its robust network, ``home.pt`` its home network."""
+HOME_FILE = "home.pt"
+RECORD_FILES: tuple[str, ...] = ("config.yaml", "classes.json", "split.json", "data.json", "metrics.csv", "summary.json", "leakage.json")
+"""The run's record (training history and data description) that a run derived from it (adapted, routed) keeps."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,13 @@ class RunFolder:
         return run
 
     # ------------------------------------------------------------- json
+    def copy_record(self, target: str | Path) -> None:
+        """Copy :data:`RECORD_FILES` (those present) into ``target``, a new run folder derived from this one."""
+        for name in RECORD_FILES:
+            src = self.path / name
+            if src.is_file():
+                shutil.copy2(src, Path(target) / name)
+
     def write_json(self, name: str, obj: Any) -> Path:
         target = self.path / name
         tmp = target.with_suffix(target.suffix + ".tmp")
@@ -170,6 +182,11 @@ def load_model(path: str | Path) -> tuple["torch.nn.Module", dict[str, Any]]:
 
     p = Path(path).expanduser()
     if p.is_dir():
+        if (p / ROUTE_FILE).is_file():
+            raise LeukoError(
+                f"{p} is a routed run of two networks and this needs one: give {p / 'model.pt'} (its robust network) or "
+                f"{p / HOME_FILE} (its home network) where a model file is accepted, else a run named in {p / ROUTE_FILE}"
+            )
         p = RunFolder(p).model
     payload = read_model_meta(p)
     spec = payload["model"]

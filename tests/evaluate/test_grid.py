@@ -112,7 +112,8 @@ def test_compare_2x2_writes_table_and_resumes(cells_root: Path, tmp_path: Path, 
     for _, row in table.iterrows():
         m = json.loads((out / row["cell"] / "eval" / "test" / "metrics.json").read_text())
         assert row["accuracy"] == pytest.approx(m["accuracy"]) and row["f1"] == pytest.approx(m["macro_f1"])
-        assert row["train_time_min"] > 0 and row["n_test"] == m["n"]
+        wall_s = json.loads((out / row["cell"] / "summary.json").read_text())["wall_time_s"]
+        assert wall_s > 0 and row["train_time_min"] == pytest.approx(round(wall_s / 60, 2)) and row["n_test"] == m["n"]
         assert load_config(out / row["cell"] / "config.yaml").train.lr == row["train.lr"]
     assert "| Accuracy | Precision | Recall | F-measure |" in (out / "compare.md").read_text()
     assert (out / "compare.png").stat().st_size > 5000

@@ -13,22 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cells import make_cell
+from cells import TINY_CLASSES, TINY_RUN, make_cell
 
-CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
-TINY_RUN = [
-    "model.name=custom_cnn",
-    "model.pretrained=none",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "data.preprocess=[clahe]",
-    "data.resize=pad",
-    "model.freeze=backbone",
-    "train.epochs=5",
-    "train.batch_size=16",
-    "train.lr=0.01",
-    "trainer.progress=false",
-]
+CLASSES = list(TINY_CLASSES)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import yaml
@@ -148,7 +148,7 @@ def evaluate_run(
     with ``cell-crop`` preprocessing ``data.cell_crop`` lists the images where no cell was found).
     """
     from leuko.data import load_dataset
-    from leuko.infer import Predictor
+    from leuko.infer import load_predictor
     from leuko.train.config import load_config
     from leuko.train.data import prepare_data
 
@@ -175,7 +175,7 @@ def evaluate_run(
         own_data = False
     if not samples:
         raise LeukoError(f"no images to evaluate in the {split!r} part")
-    predictor = Predictor(run.path)
+    predictor = load_predictor(run.path)
     model_classes = predictor.classes
     cmap = ClassMap.load(class_map) if class_map else ClassMap()
     if class_map is None and set(target_classes) - set(model_classes):
@@ -192,7 +192,9 @@ def evaluate_run(
     y = np.array([c2i[s.label] for s in kept], dtype=int)
     metrics = compute_metrics(y, probs, target_classes)
     metrics["data"] = {"source": source, "split": split, "n_images": len(kept), "failed": pred.failed}
-    metrics["review"] = review_summary(predictor.meta, pred.logits, probs_model, predictor.temperature, y == probs.argmax(1))
+    metrics["review"] = review_summary(predictor, pred, y == probs.argmax(1))
+    if pred.answered_by is not None:
+        metrics["route"] = route_summary(pred.answered_by, y == probs.argmax(1))
     if predictor.model_input.preprocess.cell_centred:
         metrics["data"]["cell_crop"] = _cell_crop_check(kept, predictor.model_input.preprocess, echo)
     if not own_data:
@@ -217,9 +219,7 @@ def evaluate_run(
     return metrics
 
 
-def review_summary(
-    meta: dict[str, Any], logits: np.ndarray, probs: np.ndarray, temperature: float, correct: np.ndarray
-) -> dict[str, Any]:
+def review_summary(predictor: Any, pred: Any, correct: np.ndarray) -> dict[str, Any]:
     """How the model's review policy (:mod:`leuko.infer.review`) treats these images.
 
     The drift signal a lab can read before trusting counts: on the source
@@ -228,15 +228,12 @@ def review_summary(
     shift, and the accuracy of the accepted images says what an accepted
     call is worth there.
     """
-    from leuko.infer.review import ReviewPolicy
-
-    policy = ReviewPolicy.from_meta(meta)
-    low, unlike = policy.checks(logits, probs, temperature)
+    low, unlike = predictor.review_checks(pred)
     n = len(low)
     flagged = low | unlike
     accepted = ~flagged
     return {
-        "policy": policy.describe(),
+        "policy": predictor.describe_review(),
         "flagged": float(flagged.mean()) if n else 0.0,
         "low_confidence": float(low.mean()) if n else 0.0,
         "unlike_training": float(unlike.mean()) if n else 0.0,
@@ -244,7 +241,19 @@ def review_summary(
     }
 
 
-IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy", "review")
+def route_summary(answered_by: Sequence[str], correct: np.ndarray) -> dict[str, Any]:
+    """A routed run (:mod:`leuko.infer.route`): per network, the share of images it answered and its accuracy there."""
+    by = np.asarray(answered_by)
+    correct = np.asarray(correct, bool)
+    out: dict[str, Any] = {}
+    for name in ("home", "robust"):
+        m = by == name
+        out[name] = {"n": int(m.sum()), "share": float(m.mean()) if len(by) else 0.0,
+                     "accuracy": float(correct[m].mean()) if m.any() else None}
+    return out
+
+
+IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy", "review", "route")
 """Headline numbers copied from the run's own held-out evaluation for the side-by-side view."""
 
 

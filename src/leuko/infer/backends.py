@@ -39,6 +39,7 @@ from leuko.data.preprocess import Normalize, Preprocess, available_cpus, build_p
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.evaluate.calibration import softmax
+from leuko.infer.review import ReviewPolicy
 
 ForwardFn = Callable[[np.ndarray], np.ndarray]
 """A backend's forward pass: ``float32 N x 3 x S x S`` (C-contiguous) -> ``N x C`` raw logits."""
@@ -62,6 +63,10 @@ class Prediction:
     probs: np.ndarray
     classes: list[str]
     failed: list[tuple[str, str]] = field(default_factory=list)
+    answered_by: list[str] | None = None
+    """Routed runs (:mod:`leuko.infer.route`): per row, ``"home"`` or ``"robust"``; ``None`` for one network."""
+    route_reasons: list[str] | None = None
+    """Routed runs: per row, why the robust network answered (``""`` where the home network did)."""
 
     @property
     def pred(self) -> np.ndarray:
@@ -337,6 +342,27 @@ class BasePredictor:
             raise LeukoError(f"got {len(images)} images but {len(names)} keys")
         return self._predict(names, array_loader(images, self.model_input), tta=tta)
 
+    @property
+    def review_policy(self) -> ReviewPolicy:
+        """The review policy stored with the model (:mod:`leuko.infer.review`)."""
+        return ReviewPolicy.from_meta(self.meta)
+
+    def review_checks(self, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
+        """Per row of ``pred``, ``(low confidence, unlike the training data)`` by this model's review policy.
+
+        The predictor, not its callers, decides, so a routed run can review
+        each row by the policy of the network that answered it.
+        """
+        return self.review_policy.checks(pred.logits, pred.probs, self.temperature)
+
+    def review_reasons(self, pred: Prediction) -> list[list[str]]:
+        """Per row of ``pred``, why it needs review (an empty list: accept as predicted)."""
+        return self.review_policy.reasons(pred.logits, pred.probs, self.temperature)
+
+    def describe_review(self) -> str:
+        """The review policy in one line."""
+        return self.review_policy.describe()
+
     def describe(self) -> str:
         """One line: backend, architecture, classes, input."""
         spec = self.meta.get("model") or {}
@@ -365,6 +391,10 @@ def load_predictor(path: str | Path, **kwargs: Any) -> BasePredictor:
         from leuko.infer.onnx import OnnxPredictor
 
         return OnnxPredictor(p, **kwargs)
+    from leuko.infer.route import RoutedPredictor, is_routed
+
+    if is_routed(p):
+        return RoutedPredictor(p, **kwargs)
     from leuko.infer.predictor import Predictor
 
     return Predictor(p, **kwargs)

@@ -60,15 +60,21 @@ def predict_images(
     top_k: int = 1,
     batch_size: int = 64,
 ) -> PredictResult:
-    """Classify images with a run folder, its ``model.pt`` or a ``.onnx``; rows follow the sorted file list."""
+    """Classify images with a run folder, its ``model.pt`` or a ``.onnx``; rows follow the sorted file list.
+
+    Each row carries the model's review flag and its reasons (low confidence,
+    unlike the training data; :mod:`leuko.infer.review`), so drift shows in the
+    output a lab counts from; a routed run adds which network answered and why.
+    """
     paths = collect_images(inputs)
     predictor = load_predictor(model, batch_size=batch_size)
     if not 1 <= top_k <= len(predictor.classes):
         raise LeukoError(f"--top-k must be between 1 and {len(predictor.classes)}; got {top_k}")
     pred = predictor.predict_paths(paths, tta=tta)
     classes = predictor.classes
+    reasons = predictor.review_reasons(pred)
     rows = []
-    for key, p in zip(pred.keys, pred.probs):
+    for i, (key, p) in enumerate(zip(pred.keys, pred.probs)):
         order = np.argsort(-p)[:top_k]
         row: dict[str, object] = {"path": key, "pred": classes[order[0]], "confidence": float(p[order[0]])}
         for rank, j in enumerate(order[1:], start=2):
@@ -76,6 +82,11 @@ def predict_images(
             row[f"top{rank}_p"] = float(p[j])
         for c, v in zip(classes, p):
             row[f"p_{c}"] = float(v)
+        row["review"] = bool(reasons[i])
+        row["review_reasons"] = "; ".join(reasons[i])
+        if pred.answered_by is not None:
+            row["answered_by"] = pred.answered_by[i]
+            row["routed_because"] = (pred.route_reasons or [""] * len(pred.keys))[i]
         rows.append(row)
     return PredictResult(pd.DataFrame(rows), pred.failed, classes)
 

@@ -265,6 +265,11 @@ def load_service(model: str | Path, *, limits: UploadLimits | None = None, max_b
     path = Path(model).expanduser()
     if not path.exists():
         raise LeukoError(f"model not found: {path} (give a run folder, its model.pt, or an exported .onnx file)")
+    from leuko.infer.route import is_routed
+
+    if is_routed(path):
+        raise LeukoError(f"{path} is a routed run of two networks, which the service does not serve yet; "
+                         f"serve {path / 'model.pt'} (its robust network) or {path / 'home.pt'} (its home network)")
     # Uploads arrive decoded at the model's decode size, so what is left per image (crop,
     # normalise) is cheap: done on the inference thread, no decoding pool needed.
     predictor = load_predictor(path, num_workers=0, batch_size=max(64, max_batch))

@@ -53,7 +53,6 @@ on) and the review policy says so.
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -78,8 +77,6 @@ as a share of the run's (measured on BCCD: 3-6 passes, keep 0.5-0.8 and lr 1e-4-
 MIN_IMAGES = 16
 """Fewer images than this give BatchNorm statistics noisier than the shift they correct."""
 
-COPIED_FILES: tuple[str, ...] = ("config.yaml", "classes.json", "split.json", "data.json", "metrics.csv", "summary.json", "leakage.json")
-"""Files of the source run the adapted run keeps (training history and data description)."""
 
 
 ADAPT_LAYERS: tuple[str, ...] = ("trained", "all")
@@ -471,10 +468,7 @@ def adapt_run(
     meta["adapted"] = adapted
     target.mkdir(parents=True, exist_ok=True)
     new = RunFolder(target)
-    for name in COPIED_FILES:
-        src = run.path / name
-        if src.is_file():
-            shutil.copy2(src, target / name)
+    run.copy_record(target)
     save_model(new.model, model.cpu(), {k: v for k, v in meta.items() if k != "format"})
     failed_list = sorted(failed.items())
     new.write_json("adapt.json", {**adapted, "failed": failed_list})

@@ -1,0 +1,185 @@
+"""Routed runs: the home network answers its own lab's images, the robust network the rest (leuko.infer.route)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cells import TINY_CLASSES, TINY_RUN, make_cell
+from leuko.errors import LeukoError
+from leuko.infer import Predictor, load_predictor
+from leuko.infer.route import RoutedPredictor, SmearGate
+
+OTHER_LAB = (200, 212, 238)  # a bluish smear: another lab's stain and camera
+
+
+@pytest.fixture(scope="module")
+def home_run(infer_base: Path, tiny_run: Path) -> Path:
+    """A second run on tiny_run's cells and split: another size and no CLAHE, so its answers differ."""
+    from leuko.train import train
+
+    run = infer_base / "home"
+    if not run.exists():
+        overrides = [o for o in TINY_RUN if not o.startswith(("data.image_size", "data.preprocess"))]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LEUKO_CACHE_DIR", str(infer_base / "cache"))
+            train(None, run, overrides=[*overrides, "data.image_size=40"], data_path=infer_base / "cells", echo=lambda s: None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def routed(infer_base: Path, home_run: Path, tiny_run: Path) -> Path:
+    from leuko.train.route import build_route
+
+    out = infer_base / "routed"
+    if not out.exists():
+        build_route(home_run, tiny_run, out, echo=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_labs(infer_base: Path) -> Path:
+    """Unseen cells of every class: ``home/`` on the training lab's smear, ``other/`` on a bluish one."""
+    root = infer_base / "two-labs"
+    for ci in range(len(TINY_CLASSES)):
+        for i in range(4):
+            make_cell(root / "home" / f"h{ci}_{i}.png", size=(48, 40), seed=7000 + 10 * ci + i, hue=70 * ci)
+            make_cell(root / "other" / f"o{ci}_{i}.png", size=(48, 40), seed=7000 + 10 * ci + i, hue=70 * ci,
+                      background=OTHER_LAB)
+    return root
+
+
+def test_gate_threshold_is_the_validation_quantile_and_far_points_are_outside() -> None:
+    rng = np.random.default_rng(0)
+    cov = np.diag([4.0, 1.0, 2.0, 1.0, 0.5, 0.5])
+    train = rng.multivariate_normal(np.zeros(6), cov, 2000)
+    val = rng.multivariate_normal(np.zeros(6), cov, 1000)
+    gate = SmearGate.fit(train, val, quantile=0.95)
+    assert np.mean(gate.distance(val) > gate.threshold) == pytest.approx(0.05, abs=0.002)
+    # a chi distribution with 6 degrees of freedom has its 95% point at sqrt(12.59) = 3.55
+    assert gate.threshold == pytest.approx(3.55, abs=0.2)
+    far = np.array([[0, 0, 0, 0, 5 * np.sqrt(0.5), 0]])  # 5 standard deviations along one axis
+    assert gate.distance(far)[0] == pytest.approx(5.0, rel=0.05)
+    assert gate.distance(np.full((1, 6), np.nan))[0] == np.inf
+    assert SmearGate.from_dict(gate.to_dict()) == gate
+    with pytest.raises(LeukoError, match="quantile"):
+        SmearGate.fit(train, val, quantile=1.0)
+
+
+def test_routed_rows_are_the_answering_networks_own(routed: Path, home_run: Path, tiny_run: Path, two_labs: Path) -> None:
+    predictor = load_predictor(routed)
+    assert isinstance(predictor, RoutedPredictor)
+    paths = sorted((two_labs / "home").glob("*.png")) + sorted((two_labs / "other").glob("*.png"))
+    pred = predictor.predict_paths(paths)
+    assert pred.keys == [str(p) for p in paths] and not pred.failed
+    by = np.array(pred.answered_by)
+    other = np.array(["/other/" in k for k in pred.keys])
+    assert (by[other] == "robust").all()  # another lab's smear never reaches the home network
+    assert (by[~other] == "home").mean() >= 0.75  # the home lab's mostly does (its energy check may send a few on)
+    assert all("smear colour unlike the home lab" in r for r, o in zip(pred.route_reasons, other) if o)
+    assert all(r == "" for r, b in zip(pred.route_reasons, by) if b == "home")
+    alone = {"home": Predictor(home_run).predict_paths(paths), "robust": Predictor(tiny_run).predict_paths(paths)}
+    for i, b in enumerate(by):
+        np.testing.assert_allclose(pred.probs[i], alone[b].probs[i], rtol=1e-6)
+    # review: each row by its own network's policy
+    low, unlike = predictor.review_checks(pred)
+    for name in ("home", "robust"):
+        m = by == name
+        sub = alone[name]
+        exp_low, exp_unlike = (Predictor(home_run) if name == "home" else Predictor(tiny_run)).review_checks(sub)
+        assert (low[m] == exp_low[m]).all() and (unlike[m] == exp_unlike[m]).all()
+
+
+def test_arrays_route_like_files(routed: Path, two_labs: Path) -> None:
+    from leuko.data.imageio import load_rgb
+
+    predictor = load_predictor(routed)
+    paths = sorted(two_labs.rglob("*.png"))
+    by_file = predictor.predict_paths(paths)
+    by_array = predictor.predict_arrays([np.asarray(load_rgb(p)) for p in paths], [str(p) for p in paths])
+    assert by_array.answered_by == by_file.answered_by
+    np.testing.assert_allclose(by_array.probs, by_file.probs, atol=1e-5)
+
+
+def test_routed_run_keeps_the_robust_record_and_says_so(routed: Path, tiny_run: Path) -> None:
+    import json
+
+    for name in ("config.yaml", "classes.json", "split.json"):
+        assert (routed / name).read_bytes() == (tiny_run / name).read_bytes()
+    info = json.loads((routed / "route.json").read_text())
+    assert info["robust_run"] == str(tiny_run.resolve()) and info["energy"] is True
+    assert 0.0 < info["validation"]["home_share"] <= 1.0
+    assert "validation split" in info["gate"]["chosen_on"]
+
+
+def test_evaluate_and_predict_a_routed_run(routed: Path, two_labs: Path, tmp_path: Path) -> None:
+    from leuko.evaluate.run import evaluate_run
+    from leuko.infer.predict import predict_images
+
+    m = evaluate_run(routed, out=tmp_path / "ev", figures=False, echo=lambda s: None)
+    route = m["route"]
+    assert route["home"]["n"] + route["robust"]["n"] == m["n"]
+    assert route["home"]["share"] == pytest.approx(route["home"]["n"] / m["n"])
+    res = predict_images(routed, [two_labs])
+    frame = res.frame
+    assert set(frame["answered_by"]) <= {"home", "robust"}
+    assert (frame.loc[frame["path"].str.contains("/other/"), "answered_by"] == "robust").all()
+    assert (frame.loc[frame["answered_by"] == "robust", "routed_because"] != "").all()
+    assert frame["review"].dtype == bool and (frame["review"] == (frame["review_reasons"] != "")).all()
+
+
+def test_one_network_commands_name_the_routed_runs_members(routed: Path, tmp_path: Path) -> None:
+    from leuko.infer import export_onnx
+    from leuko.runs import load_model
+
+    with pytest.raises(LeukoError, match="routed run of two networks.*model.pt.*home.pt"):
+        load_model(routed)
+    with pytest.raises(LeukoError, match="routed run"):
+        export_onnx(routed, tmp_path / "m.onnx")
+    model, meta = load_model(routed / "home.pt")  # each network is still reachable alone
+    assert meta["classes"] == list(TINY_CLASSES)
+    assert Predictor(routed / "model.pt").classes == list(TINY_CLASSES)
+
+
+def test_build_route_refuses_what_would_mislead(routed: Path, home_run: Path, tiny_run: Path, infer_base: Path,
+                                               tmp_path: Path) -> None:
+    from leuko.train import train
+    from leuko.train.route import build_route
+
+    with pytest.raises(LeukoError, match="already exists"):
+        build_route(home_run, tiny_run, routed, echo=lambda s: None)
+    with pytest.raises(LeukoError, match="already a routed run"):
+        build_route(routed, tiny_run, tmp_path / "r1", echo=lambda s: None)
+    with pytest.raises(LeukoError, match="run folder not found"):
+        build_route(tmp_path / "nowhere", tiny_run, tmp_path / "r2", echo=lambda s: None)
+    other_split = infer_base / "home-seed5"
+    if not other_split.exists():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LEUKO_CACHE_DIR", str(infer_base / "cache"))
+            train(None, other_split, overrides=[*TINY_RUN, "data.split_seed=5"], data_path=infer_base / "cells",
+                  echo=lambda s: None)
+    with pytest.raises(LeukoError, match="held-out images"):
+        build_route(other_split, tiny_run, tmp_path / "r3", echo=lambda s: None)
+    assert not (tmp_path / "r3").exists()
+
+
+def test_cli_route_evaluate_and_predict(routed: Path, home_run: Path, tiny_run: Path, two_labs: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from test_cli import call
+
+    out = tmp_path / "cli-routed"
+    assert call(["route", str(home_run), str(tiny_run), "--out", str(out), "--quantile", "0.95"]) == 0
+    text = capsys.readouterr().out
+    assert "validation split: the home network answers" in text and (out / "route.json").is_file()
+    assert call(["route", str(home_run), str(tiny_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "already exists" in err and len(err.splitlines()) == 1
+    assert call(["evaluate", str(out), "--out", str(tmp_path / "ev")]) == 0
+    assert "route: home network answered" in capsys.readouterr().out
+    assert call(["predict", str(out), str(two_labs / "other")]) == 0
+    text = capsys.readouterr().out
+    assert "home network answered 0" in text and "flagged" in text
+    assert call(["serve", str(out), "--port", "0"]) == 2
+    assert "routed run" in capsys.readouterr().err
