@@ -651,7 +651,7 @@ def route_cmd(
     home: Path = typer.Argument(..., help="The run that is best on its own lab (e.g. runs/pbc-best)."),
     robust: Path = typer.Argument(..., help="The run meant for other labs (e.g. runs/pbc-robust), same lab and split."),
     out: Path = typer.Option(..., "--out", "-o", help="The routed run folder to create (must not exist)."),
-    quantile: float = typer.Option(0.99, "--quantile", help="Gate threshold: this quantile of the validation split's smear-colour distances."),
+    quantile: float = typer.Option(0.99, "--quantile", help="Gate thresholds: this quantile of the validation split's smear distances (colour, red-cell size)."),
     energy: bool = typer.Option(True, "--energy/--no-energy", help="Also route to the robust network what the home network calls unlike its training data."),
 ) -> None:
     """One run of two networks: the home network answers images whose smear looks like its lab, the robust one the rest."""
@@ -660,8 +660,8 @@ def route_cmd(
     res = build_route(home, robust, out, quantile=quantile, energy=energy, echo=console.print)
     acc = res.val_accuracy
     fmt = lambda v: "n/a" if v is None else f"{v:.2%}"  # noqa: E731
-    console.print(f"gate: smear-colour distance <= {res.gate.threshold:.2f} ({res.gate.chosen_on})"
-                  + ("; and the home network's energy check" if energy else ""), highlight=False)
+    console.print(f"gate: {res.gate.describe()}" + ("; and the home network's energy check" if energy else ""),
+                  highlight=False)
     console.print(f"validation split: the home network answers {res.val_home_share:.1%} ({fmt(acc['home'])} correct), "
                   f"the robust one the rest ({fmt(acc['robust'])}); routed {fmt(acc['routed'])}", highlight=False)
     console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out})", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,19 +52,36 @@ def two_labs(infer_base: Path) -> Path:
     return root
 
 
-def test_gate_threshold_is_the_validation_quantile_and_far_points_are_outside() -> None:
+def test_gate_thresholds_are_the_validation_quantiles_and_shifts_are_outside() -> None:
     rng = np.random.default_rng(0)
-    cov = np.diag([4.0, 1.0, 2.0, 1.0, 0.5, 0.5])
-    train = rng.multivariate_normal(np.zeros(6), cov, 2000)
-    val = rng.multivariate_normal(np.zeros(6), cov, 1000)
+    cov = np.diag([4.0, 1.0, 2.0, 1.0, 0.5, 0.5, 0.01])
+    train = rng.multivariate_normal(np.zeros(7), cov, 3000)
+    val = rng.multivariate_normal(np.zeros(7), cov, 2000)
+    val[:500, 6] = np.nan  # a quarter without red cells to measure: judged on colour alone
     gate = SmearGate.fit(train, val, quantile=0.95)
-    assert np.mean(gate.distance(val) > gate.threshold) == pytest.approx(0.05, abs=0.002)
-    # a chi distribution with 6 degrees of freedom has its 95% point at sqrt(12.59) = 3.55
-    assert gate.threshold == pytest.approx(3.55, abs=0.2)
-    far = np.array([[0, 0, 0, 0, 5 * np.sqrt(0.5), 0]])  # 5 standard deviations along one axis
-    assert gate.distance(far)[0] == pytest.approx(5.0, rel=0.05)
-    assert gate.distance(np.full((1, 6), np.nan))[0] == np.inf
-    assert SmearGate.from_dict(gate.to_dict()) == gate
+    assert gate.measures_magnification
+    colour, mag, _ = gate.scores(val)
+    assert np.mean(colour > 1) == pytest.approx(0.05, abs=0.01) and np.mean(mag[500:] > 1) == pytest.approx(0.05, abs=0.01)
+    assert (mag[:500] == 0).all()
+    # chi with 6 degrees of freedom has its 95% point at 3.55; |normal| at 1.96
+    assert gate.colour_threshold == pytest.approx(3.55, abs=0.2) and gate.ruler_threshold == pytest.approx(1.96, abs=0.1)
+    zoomed = np.array([[0, 0, 0, 0, 0, 0, np.log(1.4)]])  # the home lab's colour, red cells 1.4x larger
+    assert gate.score(zoomed)[0] == pytest.approx(np.log(1.4) / 0.1 / gate.ruler_threshold, rel=0.05)
+    assert gate.reasons(zoomed) == ["red cells 1.40x the home lab's size (another magnification or framing)"]
+    lo, hi = gate.ruler_range()
+    assert lo == pytest.approx(np.exp(-0.196), rel=0.05) and hi == pytest.approx(np.exp(0.196), rel=0.05)
+    recoloured = np.array([[10, 0, 0, 0, 0, 0, 0]])  # 5 sd off in lightness
+    assert gate.score(recoloured)[0] == pytest.approx(5.0 / gate.colour_threshold, rel=0.05)
+    assert gate.reasons(recoloured)[0].startswith("smear colour unlike the home lab's")
+    assert gate.score(np.array([[0, 0, 0, 0, 0, 0, np.nan]]))[0] < 0.1  # no ruler: colour alone, and it is home's
+    assert gate.score(np.full((1, 7), np.nan))[0] == np.inf
+    assert SmearGate.from_dict(json.loads(json.dumps(gate.to_dict()))) == gate
+    # a home lab of tight crops (no red cells anywhere): a colour-only gate that says so
+    tight = SmearGate.fit(np.c_[train[:, :6], np.full(len(train), np.nan)], val, quantile=0.95)
+    assert not tight.measures_magnification and "colour only" in tight.chosen_on
+    assert tight.score(zoomed)[0] < 0.1
+    restored = SmearGate.from_dict(json.loads(json.dumps(tight.to_dict())))
+    assert np.isnan(restored.mean[6]) and restored.colour_inv_cov == tight.colour_inv_cov
     with pytest.raises(LeukoError, match="quantile"):
         SmearGate.fit(train, val, quantile=1.0)
 
@@ -78,7 +96,7 @@ def test_routed_rows_are_the_answering_networks_own(routed: Path, home_run: Path
     other = np.array(["/other/" in k for k in pred.keys])
     assert (by[other] == "robust").all()  # another lab's smear never reaches the home network
     assert (by[~other] == "home").mean() >= 0.75  # the home lab's mostly does (its energy check may send a few on)
-    assert all("smear colour unlike the home lab" in r for r, o in zip(pred.route_reasons, other) if o)
+    assert all("smear colour unlike the home lab's" in r for r, o in zip(pred.route_reasons, other) if o)
     assert all(r == "" for r, b in zip(pred.route_reasons, by) if b == "home")
     alone = {"home": Predictor(home_run).predict_paths(paths), "robust": Predictor(tiny_run).predict_paths(paths)}
     for i, b in enumerate(by):
@@ -104,8 +122,6 @@ def test_arrays_route_like_files(routed: Path, two_labs: Path) -> None:
 
 
 def test_routed_run_keeps_the_robust_record_and_says_so(routed: Path, tiny_run: Path) -> None:
-    import json
-
     for name in ("config.yaml", "classes.json", "split.json"):
         assert (routed / name).read_bytes() == (tiny_run / name).read_bytes()
     info = json.loads((routed / "route.json").read_text())

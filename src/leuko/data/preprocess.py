@@ -620,7 +620,8 @@ class Preprocessed:
         window: ``(left, top, side)`` of the decoded frame the output was cut from (a cell-centred
             crop that found its cell), ``None`` otherwise.
         ruler: ``rbc-crop``'s red-cell diameter in decoded pixels; ``None`` when none was
-            measurable (the crop then used ``cell-crop``'s share) or without ``rbc-crop``.
+            measurable (the crop then used ``cell-crop``'s share) or without ``rbc-crop`` (unless
+            :meth:`Preprocess.run` was asked to measure it).
     """
 
     image: np.ndarray
@@ -713,8 +714,12 @@ class Preprocess:
             text += f"|rbc-v{RBC_CROP_VERSION}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def run(self, image: np.ndarray) -> Preprocessed:
-        """Resize (if not already at :attr:`decode_size`), crop, pixel steps; and what the crop found."""
+    def run(self, image: np.ndarray, *, measure_ruler: bool = False) -> Preprocessed:
+        """Resize (if not already at :attr:`decode_size`), crop, pixel steps; and what the crop found.
+
+        ``measure_ruler``: also measure the red cells (:attr:`Preprocessed.ruler`) when the crop is
+        ``cell-crop`` (``rbc-crop`` always does): a routed run's gate reads the magnification from it.
+        """
         image = _as_rgb_uint8(image)
         d, s = self.decode_size, self.image_size
         if image.shape[0] != d or image.shape[1] != d:
@@ -732,6 +737,8 @@ class Preprocess:
                     window = rbc_crop_window(cell, ruler, self._rbc_span)
                     share = min(1.0, cell.size / window[2])
                 else:
+                    if measure_ruler:
+                        ruler = red_cell_diameter(image, cell)
                     window = cell_crop_window(cell, self._cell_share)
                     share = self._cell_share
                 image = crop_window(image, *window, s)

@@ -5,11 +5,12 @@ A network trained for one lab's look (``pbc-best``: 99%+ on held-out PBC, under
 PBC, ~82% on BCCD) each win where the other loses. A routed run holds both and
 decides per image, from the image alone, which one answers:
 
-* the **smear colour**: the CIELAB mean and spread of the red cells and
-  background around the white cell (:func:`~leuko.data.preprocess.smear_stats`
-  of the cell-centred view, the statistics ``smear-norm`` undoes) - six
-  numbers that say which lab's stain and camera made the image, whatever cell
-  is in it. Their Mahalanobis distance to the home lab's training images,
+* the **smear**: the CIELAB mean and spread of the red cells and background
+  around the white cell (:func:`~leuko.data.preprocess.smear_stats` of the
+  cell-centred view, the statistics ``smear-norm`` undoes), which say which
+  lab's stain and camera made the image whatever cell is in it, and the red
+  cells' diameter as a share of the frame, which says its magnification and
+  framing. Their Mahalanobis distance to the home lab's training images,
   against its quantile on the validation split, is the :class:`SmearGate`.
 * the home network's own **energy check** (:mod:`leuko.infer.review`): an
   image the home network calls unlike its training data (another framing or
@@ -42,13 +43,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from leuko.data.preprocess import Preprocess, build_preprocess, decode_sample, smear_stats
+from leuko.data.preprocess import Preprocess, build_preprocess, decode_raw, smear_stats
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.infer.backends import BasePredictor, Prediction, array_loader, iter_batches, sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
 
-__all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "is_routed", "route_reasons"]
+__all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "is_routed"]
 
 from leuko.runs import HOME_FILE, ROUTE_FILE
 
@@ -63,108 +64,197 @@ def is_routed(path: str | Path) -> bool:
 
 
 class SmearView:
-    """Image -> the six smear-colour numbers the gate compares (duck-types :class:`ModelInput` for the loaders).
+    """Image -> the numbers the gate compares: six of smear colour and one of magnification.
 
-    The cell-centred view (``cell-crop`` at a fixed share, as ``pbc-robust``
-    sees it) puts the smear in the same place for every source's framing; its
-    CIELAB mean and spread of L, a, b outside the cell and any nucleus
-    (:func:`~leuko.data.preprocess.smear_stats`) describe the lab, not the cell.
+    Duck-types :class:`~leuko.infer.backends.ModelInput` for the loaders. The
+    cell-centred view (``cell-crop`` at a fixed share, as ``pbc-robust`` sees
+    it) puts the smear in the same place for every source's framing; its CIELAB
+    mean and spread of L, a, b outside the cell and any nucleus
+    (:func:`~leuko.data.preprocess.smear_stats`) describe the lab's stain and
+    camera, not the cell. The seventh number is the log of the red cells'
+    diameter (:func:`~leuko.data.preprocess.red_cell_diameter`) as a share of
+    the decoded frame: the home lab's magnification and framing, which colour
+    alone cannot tell (NaN where no red cells could be measured).
     """
 
-    shape: tuple[int, ...] = (6,)
+    shape: tuple[int, ...] = (7,)
 
     def __init__(self) -> None:
         self.preprocess: Preprocess = build_preprocess(_VIEW_SIZE, [f"cell-crop:{_VIEW_SHARE}"])
 
-    def _write(self, view: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        d = np.asarray(smear_stats(view, _VIEW_SHARE), dtype=np.float32)
+    def _describe(self, raw: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        res = self.preprocess.run(raw, measure_ruler=True)
+        ruler = np.log(res.ruler / self.preprocess.decode_size) if res.ruler else np.nan
+        d = np.array([*smear_stats(res.image, _VIEW_SHARE), ruler], dtype=np.float32)
         if out is None:
             return d
         out[:] = d
         return out
 
     def from_sample(self, sample: Sample, out: np.ndarray | None = None) -> np.ndarray:
-        return self._write(decode_sample(sample, self.preprocess), out)
+        return self._describe(decode_raw(sample, self.preprocess), out)
 
     def from_array(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._write(self.preprocess(image), out)
+        return self._describe(image, out)
 
     def describe(self, load: Callable[[int, np.ndarray], "str | None"], n: int, *, workers: int | None = None
                  ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-        """``(descriptors, failed)``: an ``n x 6`` array (NaN rows where an item could not be read) and why."""
-        out = np.full((n, 6), np.nan, dtype=np.float64)
+        """``(descriptors, failed)``: an ``n x 7`` array (NaN rows where an item could not be read) and why."""
+        out = np.full((n, *self.shape), np.nan, dtype=np.float64)
         failed: list[tuple[int, str]] = []
-        for batch in iter_batches(n, load, self.shape, batch_size=64, workers=workers):
+        for batch in iter_batches(n, load, self.shape, batch_size=64, workers=workers):  # type: ignore[arg-type]
             out[batch.rows] = batch.x
             failed.extend(batch.failed)
         return out, failed
 
 
+_COLOUR = slice(0, 6)
+_RULER = 6
+
+
+def _mahalanobis(x: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray) -> np.ndarray:
+    z = x - mean
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, inv_cov, z), 0.0))
+
+
+def _inverse_covariance(x: np.ndarray) -> np.ndarray:
+    # a small ridge keeps a number that never varies (a synthetic set) from making the covariance singular
+    return np.linalg.inv(np.cov(x.T) + 1e-3 * np.eye(x.shape[1]))
+
+
 @dataclass(frozen=True)
 class SmearGate:
-    """The home lab's smear colour: a Gaussian over :class:`SmearView` descriptors and a distance threshold.
+    """The home lab's look: where its smear colours and its red-cell sizes end.
+
+    Two tests, each at the ``quantile`` of the home lab's validation split, and
+    an image outside either is not from the home lab:
+
+    * colour: the Mahalanobis distance of the six colour numbers to a Gaussian
+      of the training images';
+    * magnification: how many standard deviations the log red-cell share lies
+      from the training images' mean (only where red cells were measured, and
+      only when the home lab's images show enough of them: a home lab of tight
+      crops gets a colour-only gate, and ``chosen_on`` says so).
+
+    Kept apart rather than pooled into one seven-number distance: the colour
+    numbers are heavy-tailed, and a pooled threshold set by them would let a
+    magnification change pass that the red cells alone make plain.
 
     Attributes:
-        mean, inv_cov: of the home lab's training images' descriptors.
-        threshold: the Mahalanobis distance above which an image's smear is not
-            the home lab's (its ``quantile`` on the validation split).
-        chosen_on: where the threshold came from.
+        mean: of the seven numbers over the training images (the last ``NaN``
+            for a colour-only gate).
+        colour_inv_cov, colour_threshold: the colour test.
+        ruler_sd, ruler_threshold: the magnification test (``None``: colour-only).
     """
 
     mean: tuple[float, ...]
-    inv_cov: tuple[tuple[float, ...], ...]
-    threshold: float
+    colour_inv_cov: tuple[tuple[float, ...], ...]
+    colour_threshold: float
+    ruler_sd: float | None
+    ruler_threshold: float | None
     quantile: float
     chosen_on: str
 
     @classmethod
     def fit(cls, train: np.ndarray, val: np.ndarray, *, quantile: float = DEFAULT_OOD_QUANTILE,
             chosen_on: str = "the validation split") -> "SmearGate":
-        """Fit on home-lab descriptors: Gaussian on ``train``, threshold at ``quantile`` of ``val``'s distances."""
+        """Fit on home-lab descriptors: statistics of ``train``, thresholds at ``quantile`` of ``val``'s."""
         if not 0.5 <= quantile < 1.0:
             raise LeukoError(f"the gate's quantile must be in [0.5, 1); got {quantile}")
         train, val = np.asarray(train, np.float64), np.asarray(val, np.float64)
-        train, val = train[np.isfinite(train).all(1)], val[np.isfinite(val).all(1)]
-        if len(train) < 20 or len(val) < 10:
-            raise LeukoError(f"the smear gate needs at least 20 training and 10 validation images; got {len(train)} and {len(val)}")
-        mean = train.mean(0)
-        # a small ridge keeps a channel that never varies (a synthetic set) from making the covariance singular
-        cov = np.cov(train.T) + 1e-3 * np.eye(train.shape[1])
-        inv = np.linalg.inv(cov)
-        gate = cls(tuple(map(float, mean)), tuple(tuple(map(float, r)) for r in inv), 0.0, float(quantile), "")
-        d = gate.distance(val)
-        return cls(gate.mean, gate.inv_cov, float(np.quantile(d, quantile)), float(quantile),
-                   f"{chosen_on} ({len(val)} images; distance at its {quantile:.0%} quantile)")
+        colour = lambda x: x[np.isfinite(x[:, _COLOUR]).all(1)][:, _COLOUR]  # noqa: E731
+        ruler = lambda x: x[np.isfinite(x[:, _RULER]), _RULER]  # noqa: E731
+        if len(colour(train)) < 20 or len(colour(val)) < 10:
+            raise LeukoError(f"the gate needs at least 20 training and 10 validation images; got {len(colour(train))} "
+                             f"and {len(colour(val))} readable ones")
+        mean = np.append(colour(train).mean(0), np.nan)
+        colour_inv = _inverse_covariance(colour(train))
+        colour_threshold = float(np.quantile(_mahalanobis(colour(val), mean[_COLOUR], colour_inv), quantile))
+        sd = threshold = None
+        what = f"{chosen_on} ({len(val)} images; each test at its {quantile:.0%} quantile)"
+        if len(ruler(train)) >= 20 and len(ruler(val)) >= 10:
+            mean[_RULER] = ruler(train).mean()
+            sd = float(max(ruler(train).std(), 1e-3))
+            threshold = float(np.quantile(np.abs(ruler(val) - mean[_RULER]) / sd, quantile))
+        else:
+            what += "; colour only: too few images with red cells to measure"
+        return cls(tuple(map(float, mean)), tuple(tuple(map(float, r)) for r in colour_inv), colour_threshold,
+                   sd, threshold, float(quantile), what)
 
-    def distance(self, desc: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each descriptor row to the home lab (``inf`` for a NaN row)."""
-        x = np.asarray(desc, np.float64) - np.asarray(self.mean)
-        d = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, np.asarray(self.inv_cov), x), 0.0))
-        return np.where(np.isfinite(d), d, np.inf)
+    @property
+    def measures_magnification(self) -> bool:
+        """Whether the gate has a red-cell-size test (see :meth:`fit`)."""
+        return self.ruler_sd is not None
+
+    def describe(self) -> str:
+        """One line: what the gate compares and where its limits came from."""
+        text = f"smear colour within Mahalanobis distance {self.colour_threshold:.2f} of the home lab's"
+        if self.measures_magnification:
+            lo, hi = self.ruler_range()
+            text += f", red cells {lo:.2f}-{hi:.2f}x its typical size (where measured)"
+        return f"{text}; chosen on {self.chosen_on}"
+
+    def ruler_range(self) -> tuple[float, float]:
+        """The red-cell sizes the home lab accepts, relative to its mean (e.g. ``(0.75, 1.33)``)."""
+        if self.ruler_sd is None or self.ruler_threshold is None:
+            return (0.0, float("inf"))
+        k = self.ruler_sd * self.ruler_threshold
+        return (float(np.exp(-k)), float(np.exp(k)))
+
+    def scores(self, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per descriptor row: ``(colour score, magnification score, red-cell size ratio)``.
+
+        A score is the test's statistic over its threshold (> 1: not the home
+        lab; colour ``inf`` for an unreadable row); the magnification score is
+        0 and the ratio NaN where no red cells were measured or the gate is colour-only.
+        """
+        x = np.asarray(desc, np.float64).reshape(-1, len(self.mean))
+        mean = np.asarray(self.mean)
+        colour = np.full(len(x), np.inf)
+        ok = np.isfinite(x[:, _COLOUR]).all(1)
+        colour[ok] = _mahalanobis(x[ok][:, _COLOUR], mean[_COLOUR], np.asarray(self.colour_inv_cov)) / self.colour_threshold
+        mag = np.zeros(len(x))
+        ratio = np.full(len(x), np.nan)
+        if self.measures_magnification:
+            known = np.isfinite(x[:, _RULER])
+            delta = x[known, _RULER] - mean[_RULER]
+            mag[known] = np.abs(delta) / float(self.ruler_sd) / float(self.ruler_threshold)  # type: ignore[arg-type]
+            ratio[known] = np.exp(delta)
+        return colour, mag, ratio
+
+    def score(self, desc: np.ndarray) -> np.ndarray:
+        """Per descriptor row, the larger of the two test scores (> 1: not the home lab)."""
+        colour, mag, _ = self.scores(desc)
+        return np.maximum(colour, mag)
+
+    def reasons(self, desc: np.ndarray) -> list[str]:
+        """Per descriptor row, why it is not the home lab's (``""``: it may be)."""
+        colour, mag, ratio = self.scores(desc)
+        out = []
+        for c, m, r in zip(colour, mag, ratio):
+            why = []
+            if c > 1:
+                why.append(f"smear colour unlike the home lab's ({c:.1f}x the limit)")
+            if m > 1:
+                why.append(f"red cells {r:.2f}x the home lab's size (another magnification or framing)")
+            out.append("; ".join(why))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready (a colour-only gate's unknown red-cell mean is ``None``)."""
+        raw = asdict(self)
+        raw["mean"] = [v if np.isfinite(v) else None for v in self.mean]
+        return raw
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "SmearGate":
         try:
-            return cls(tuple(raw["mean"]), tuple(tuple(r) for r in raw["inv_cov"]), float(raw["threshold"]),
-                       float(raw["quantile"]), str(raw["chosen_on"]))
+            opt = lambda v: None if v is None else float(v)  # noqa: E731
+            return cls(tuple(np.nan if v is None else float(v) for v in raw["mean"]),
+                       tuple(tuple(float(v) for v in r) for r in raw["colour_inv_cov"]), float(raw["colour_threshold"]),
+                       opt(raw["ruler_sd"]), opt(raw["ruler_threshold"]), float(raw["quantile"]), str(raw["chosen_on"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise LeukoError(f"the routed run's gate is incomplete or invalid ({exc!r})") from None
-
-
-def route_reasons(far: np.ndarray, unlike: np.ndarray, distance: np.ndarray, gate: SmearGate) -> list[str]:
-    """Per image, why the robust network answered (``""``: the home network did)."""
-    out = []
-    for f, u, d in zip(far, unlike, distance):
-        why = []
-        if f:
-            why.append(f"smear colour unlike the home lab's (distance {d:.1f} > {gate.threshold:.1f})")
-        if u:
-            why.append("the home network calls it unlike its training data")
-        out.append("; ".join(why))
-    return out
 
 
 class RoutedPredictor(BasePredictor):
@@ -214,9 +304,9 @@ class RoutedPredictor(BasePredictor):
         if len(set(keys)) != n:
             raise LeukoError("a routed run needs a distinct key (file name) for every image")
         desc, failed_desc = self.view.describe(describe_load, n, workers=self.num_workers)
-        distance = self.gate.distance(desc)
+        score = self.gate.score(desc)
         unreadable = {i for i, _ in failed_desc}
-        near = [i for i in range(n) if i not in unreadable and distance[i] <= self.gate.threshold]
+        near = [i for i in range(n) if i not in unreadable and score[i] <= 1.0]
         ph = member_predict(self.home, near)
         home_row = {k: j for j, k in enumerate(ph.keys)}
         unlike = np.zeros(n, bool)
@@ -230,7 +320,9 @@ class RoutedPredictor(BasePredictor):
         pr = member_predict(self.robust, rest)
         robust_row = {k: j for j, k in enumerate(pr.keys)}
         answered.update({i: ("robust", robust_row[keys[i]]) for i in rest if keys[i] in robust_row})
-        why = route_reasons(distance > self.gate.threshold, unlike, distance, self.gate)
+        gate_why = self.gate.reasons(desc)
+        why = ["; ".join(w for w in (gate_why[i], "the home network calls it unlike its training data" if unlike[i] else "") if w)
+               for i in range(n)]
         rows = sorted(answered)
         source = {"home": ph, "robust": pr}
         c = len(self.classes)
@@ -287,6 +379,5 @@ class RoutedPredictor(BasePredictor):
         return f"per network: home: {self.home.describe_review()}; robust: {self.robust.describe_review()}"
 
     def describe(self) -> str:
-        return (f"routed: home [{self.home.describe()}] where the smear colour is within {self.gate.threshold:.1f} of "
-                f"the home lab's{' and the home network knows the image' if self.use_energy else ''}, "
-                f"else robust [{self.robust.describe()}]")
+        return (f"routed: home [{self.home.describe()}] where the smear's colour and red-cell size are the home lab's"
+                f"{' and the home network knows the image' if self.use_energy else ''}, else robust [{self.robust.describe()}]")

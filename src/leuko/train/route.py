@@ -61,9 +61,9 @@ def build_route(
         home_dir: the run that is best on its own lab (e.g. ``pbc-best``).
         robust_dir: the run meant for other labs (e.g. ``pbc-robust``), trained
             on the same lab and split.
-        quantile: the gate's threshold: this quantile of the validation
-            split's smear-colour distances (0.99: about 1% of the home lab's
-            images go to the robust network on colour alone).
+        quantile: the gate's thresholds: this quantile of the validation
+            split's smear distances (0.99: about 1% of the home lab's images
+            go to the robust network on their smear alone).
         energy: also send an image to the robust network when the home
             network's energy check calls it unlike its training data.
 
@@ -94,7 +94,7 @@ def build_route(
     if len(prepared.val) < 10:
         raise LeukoError(f"the robust run's validation split has {len(prepared.val)} images; the gate needs at least 10")
     view = SmearView()
-    echo(f"smear colour of {len(prepared.train)} training and {len(prepared.val)} validation images of {robust.path.name}")
+    echo(f"smear colour and red-cell size of {len(prepared.train)} training and {len(prepared.val)} validation images of {robust.path.name}")
     desc = {}
     for role in ("train", "val"):
         samples = getattr(prepared, role)
