@@ -442,8 +442,10 @@ def evaluate_cmd(
     route = m.get("route")
     if route:
         console.print("route: " + "; ".join(
-            f"{name} network answered {r['share']:.1%}" + ("" if r["accuracy"] is None else f" ({r['accuracy']:.2%} correct)")
-            for name, r in route.items()), highlight=False)
+            f"{name} network answered {route[name]['share']:.1%}"
+            + ("" if route[name]["accuracy"] is None else f" ({route[name]['accuracy']:.2%} correct)")
+            for name in ("home", "robust")), highlight=False)
+        _print_magnification(route.get("magnification"))
     for note in m["class_map"]["notes"]:
         console.print(f"[dim]class map: {note}[/]")
     for path, reason in m["data"]["failed"]:
@@ -452,6 +454,15 @@ def evaluate_cmd(
     if "in_lab" in m:
         _print_side_by_side(run_dir, m)
     console.print(f"[green]written:[/] {m['out_dir']}")
+
+
+def _print_magnification(check: Optional[dict]) -> None:
+    """A routed run's batch-level magnification check (leuko.infer.route.lab_magnification)."""
+    if check and check.get("warning"):
+        console.print(f"[yellow]magnification:[/] {check['warning']}", highlight=False)
+    elif check:
+        console.print(f"[dim]magnification: red cells {check['median_ratio']:.2f}x the home lab's size "
+                      f"(median of {check['n_measured']})[/]", highlight=False)
 
 
 def _print_cell_crop(info: Optional[dict]) -> None:
@@ -587,6 +598,7 @@ def predict_cmd(
         console.print(f"review: {int(frame['review'].sum())} of {len(frame)} flagged ({unlike} unlike the training data)"
                       + (f"; home network answered {int((frame['answered_by'] == 'home').sum())}" if routed else ""),
                       highlight=False)
+    _print_magnification(result.magnification)
     if out is not None:
         console.print(f"[green]written:[/] {write_predictions(result, out)}")
 

@@ -11,7 +11,7 @@ import pytest
 from cells import TINY_CLASSES, TINY_RUN, make_cell
 from leuko.errors import LeukoError
 from leuko.infer import Predictor, load_predictor
-from leuko.infer.route import RoutedPredictor, SmearGate
+from leuko.infer.route import RoutedPredictor, SmearGate, lab_magnification
 
 OTHER_LAB = (200, 212, 238)  # a bluish smear: another lab's stain and camera
 
@@ -86,6 +86,18 @@ def test_gate_thresholds_are_the_validation_quantiles_and_shifts_are_outside() -
         SmearGate.fit(train, val, quantile=1.0)
 
 
+def test_a_batch_of_another_magnification_is_named() -> None:
+    rng = np.random.default_rng(0)
+    home = np.exp(rng.normal(0, 0.2, 300))  # one image's ruler is +-20%: the gate cannot tell 0.7x per image
+    assert lab_magnification(home)["warning"] is None
+    assert lab_magnification(home)["median_ratio"] == pytest.approx(1.0, abs=0.03)
+    check = lab_magnification(np.r_[0.7 * home, np.full(50, np.nan)])
+    assert check["n_measured"] == 300 and check["median_ratio"] == pytest.approx(0.7, abs=0.03)
+    assert check["warning"].startswith(f"red cells are {check['median_ratio']:.2f}x the home lab's size (median of 300)")
+    assert lab_magnification(1.4 * home[:25])["warning"] is not None
+    assert lab_magnification(1.4 * home[:19]) is None and lab_magnification(None) is None
+
+
 def test_routed_rows_are_the_answering_networks_own(routed: Path, home_run: Path, tiny_run: Path, two_labs: Path) -> None:
     predictor = load_predictor(routed)
     assert isinstance(predictor, RoutedPredictor)
@@ -132,11 +144,12 @@ def test_routed_run_keeps_the_robust_record_and_says_so(routed: Path, tiny_run: 
 
 def test_evaluate_and_predict_a_routed_run(routed: Path, two_labs: Path, tmp_path: Path) -> None:
     from leuko.evaluate.run import evaluate_run
-    from leuko.infer.predict import predict_images
+    from leuko.infer.predict import predict_images, write_predictions
 
     m = evaluate_run(routed, out=tmp_path / "ev", figures=False, echo=lambda s: None)
     route = m["route"]
     assert route["home"]["n"] + route["robust"]["n"] == m["n"]
+    assert route["magnification"] is None  # synthetic cells have no red cells to measure
     assert route["home"]["share"] == pytest.approx(route["home"]["n"] / m["n"])
     res = predict_images(routed, [two_labs])
     frame = res.frame
@@ -144,6 +157,9 @@ def test_evaluate_and_predict_a_routed_run(routed: Path, two_labs: Path, tmp_pat
     assert (frame.loc[frame["path"].str.contains("/other/"), "answered_by"] == "robust").all()
     assert (frame.loc[frame["answered_by"] == "robust", "routed_because"] != "").all()
     assert frame["review"].dtype == bool and (frame["review"] == (frame["review_reasons"] != "")).all()
+    assert frame["red_cell_ratio"].isna().all() and res.magnification is None
+    written = json.loads(write_predictions(res, tmp_path / "p.json").read_text())  # strict JSON: NaN is null
+    assert written["predictions"][0]["red_cell_ratio"] is None
 
 
 def test_one_network_commands_name_the_routed_runs_members(routed: Path, tmp_path: Path) -> None:

@@ -194,7 +194,7 @@ def evaluate_run(
     metrics["data"] = {"source": source, "split": split, "n_images": len(kept), "failed": pred.failed}
     metrics["review"] = review_summary(predictor, pred, y == probs.argmax(1))
     if pred.answered_by is not None:
-        metrics["route"] = route_summary(pred.answered_by, y == probs.argmax(1))
+        metrics["route"] = route_summary(pred.answered_by, y == probs.argmax(1), pred.red_cell_ratio)
     if predictor.model_input.preprocess.cell_centred:
         metrics["data"]["cell_crop"] = _cell_crop_check(kept, predictor.model_input.preprocess, echo)
     if not own_data:
@@ -241,8 +241,11 @@ def review_summary(predictor: Any, pred: Any, correct: np.ndarray) -> dict[str, 
     }
 
 
-def route_summary(answered_by: Sequence[str], correct: np.ndarray) -> dict[str, Any]:
-    """A routed run (:mod:`leuko.infer.route`): per network, the share of images it answered and its accuracy there."""
+def route_summary(answered_by: Sequence[str], correct: np.ndarray, red_cell_ratio: np.ndarray | None = None) -> dict[str, Any]:
+    """A routed run (:mod:`leuko.infer.route`): per network, the share of images it answered and its accuracy
+    there; and the batch's magnification check (:func:`~leuko.infer.route.lab_magnification`)."""
+    from leuko.infer.route import lab_magnification
+
     by = np.asarray(answered_by)
     correct = np.asarray(correct, bool)
     out: dict[str, Any] = {}
@@ -250,6 +253,7 @@ def route_summary(answered_by: Sequence[str], correct: np.ndarray) -> dict[str, 
         m = by == name
         out[name] = {"n": int(m.sum()), "share": float(m.mean()) if len(by) else 0.0,
                      "accuracy": float(correct[m].mean()) if m.any() else None}
+    out["magnification"] = lab_magnification(red_cell_ratio)
     return out
 
 

@@ -67,6 +67,8 @@ class Prediction:
     """Routed runs (:mod:`leuko.infer.route`): per row, ``"home"`` or ``"robust"``; ``None`` for one network."""
     route_reasons: list[str] | None = None
     """Routed runs: per row, why the robust network answered (``""`` where the home network did)."""
+    red_cell_ratio: np.ndarray | None = None
+    """Routed runs: per row, the red cells' size over the home lab's (NaN where not measured)."""
 
     @property
     def pred(self) -> np.ndarray:

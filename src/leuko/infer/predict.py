@@ -50,6 +50,8 @@ class PredictResult:
     frame: pd.DataFrame
     failed: list[tuple[str, str]]
     classes: list[str]
+    magnification: dict | None = None
+    """A routed run: the batch's magnification check (:func:`leuko.infer.route.lab_magnification`)."""
 
 
 def predict_images(
@@ -87,8 +89,14 @@ def predict_images(
         if pred.answered_by is not None:
             row["answered_by"] = pred.answered_by[i]
             row["routed_because"] = (pred.route_reasons or [""] * len(pred.keys))[i]
+            row["red_cell_ratio"] = float(pred.red_cell_ratio[i]) if pred.red_cell_ratio is not None else float("nan")
         rows.append(row)
-    return PredictResult(pd.DataFrame(rows), pred.failed, classes)
+    magnification = None
+    if pred.answered_by is not None:
+        from leuko.infer.route import lab_magnification
+
+        magnification = lab_magnification(pred.red_cell_ratio)
+    return PredictResult(pd.DataFrame(rows), pred.failed, classes, magnification)
 
 
 def write_predictions(result: PredictResult, out: Path) -> Path:
@@ -97,7 +105,7 @@ def write_predictions(result: PredictResult, out: Path) -> Path:
     if out.suffix.lower() == ".json":
         payload = {
             "classes": result.classes,
-            "predictions": result.frame.to_dict(orient="records"),
+            "predictions": json.loads(result.frame.to_json(orient="records")),  # NaN -> null: valid JSON
             "failed": [{"path": p, "reason": r} for p, r in result.failed],
         }
         out.write_text(json.dumps(payload, indent=1))

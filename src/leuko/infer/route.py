@@ -49,7 +49,7 @@ from leuko.errors import LeukoError
 from leuko.infer.backends import BasePredictor, Prediction, array_loader, iter_batches, sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
 
-__all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "is_routed"]
+__all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "is_routed", "lab_magnification"]
 
 from leuko.runs import HOME_FILE, ROUTE_FILE
 
@@ -110,6 +110,35 @@ class SmearView:
 
 _COLOUR = slice(0, 6)
 _RULER = 6
+
+LAB_SIZE_TOLERANCE = 0.15
+"""A batch whose median red-cell size is off the home lab's by more than this share is another magnification."""
+MIN_MEASURED = 20
+
+
+def lab_magnification(red_cell_ratio: np.ndarray | None) -> dict[str, Any] | None:
+    """The magnification check of a batch of one lab's images (a routed run's ``red_cell_ratio``).
+
+    One image's red cells measure its magnification to about +-20% (cells
+    differ, the ruler errs), too loosely for the per-image gate to catch a
+    modest change of objective or camera; their median over a lab's images is
+    exact enough. ``None`` when fewer than :data:`MIN_MEASURED` were measured.
+    """
+    if red_cell_ratio is None:
+        return None
+    r = np.asarray(red_cell_ratio, np.float64)
+    r = r[np.isfinite(r)]
+    if len(r) < MIN_MEASURED:
+        return None
+    median = float(np.median(r))
+    off = abs(np.log(median)) > np.log1p(LAB_SIZE_TOLERANCE)
+    return {
+        "median_ratio": median,
+        "n_measured": int(len(r)),
+        "warning": (f"red cells are {median:.2f}x the home lab's size (median of {len(r)}): another magnification or "
+                    f"framing, which the per-image gate cannot see; the home network's answers may not hold here, "
+                    f"and the run's model.pt (its robust network alone) is the safer choice") if off else None,
+    }
 
 
 def _mahalanobis(x: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray) -> np.ndarray:
@@ -334,6 +363,7 @@ class RoutedPredictor(BasePredictor):
             [(keys[i], r) for i, r in failed_desc] + list(ph.failed) + list(pr.failed),
             answered_by=[answered[i][0] for i in rows],
             route_reasons=[why[i] if answered[i][0] == "robust" else "" for i in rows],
+            red_cell_ratio=self.gate.scores(desc)[2][rows],
         )
 
     def predict_samples(self, samples: Sequence[Sample], *, tta: bool = False) -> Prediction:

@@ -21,7 +21,7 @@ Leakage: the teacher's answers on the student's training images carry what
 the teacher learnt from *its* training images. If those include the
 student's held-out images, the student's test score is no longer honest, so
 :func:`check_teacher` refuses a teacher that trained or validated on any of
-them (the same check as ``benchmarks/route_probe.py``).
+them (the same check ``leuko route`` makes of its home run).
 """
 
 from __future__ import annotations
