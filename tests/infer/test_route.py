@@ -67,12 +67,12 @@ def test_gate_thresholds_are_the_validation_quantiles_and_shifts_are_outside() -
     assert gate.colour_threshold == pytest.approx(3.55, abs=0.2) and gate.ruler_threshold == pytest.approx(1.96, abs=0.1)
     zoomed = np.array([[0, 0, 0, 0, 0, 0, np.log(1.4)]])  # the home lab's colour, red cells 1.4x larger
     assert gate.score(zoomed)[0] == pytest.approx(np.log(1.4) / 0.1 / gate.ruler_threshold, rel=0.05)
-    assert gate.reasons(zoomed) == ["red cells 1.40x the home lab's size (another magnification or framing)"]
+    assert gate.reasons(gate.scores(zoomed)) == ["red cells 1.40x the home lab's size (another magnification or framing)"]
     lo, hi = gate.ruler_range()
     assert lo == pytest.approx(np.exp(-0.196), rel=0.05) and hi == pytest.approx(np.exp(0.196), rel=0.05)
     recoloured = np.array([[10, 0, 0, 0, 0, 0, 0]])  # 5 sd off in lightness
     assert gate.score(recoloured)[0] == pytest.approx(5.0 / gate.colour_threshold, rel=0.05)
-    assert gate.reasons(recoloured)[0].startswith("smear colour unlike the home lab's")
+    assert gate.reasons(gate.scores(recoloured))[0].startswith("smear colour unlike the home lab's")
     assert gate.score(np.array([[0, 0, 0, 0, 0, 0, np.nan]]))[0] < 0.1  # no ruler: colour alone, and it is home's
     assert gate.score(np.full((1, 7), np.nan))[0] == np.inf
     assert SmearGate.from_dict(json.loads(json.dumps(gate.to_dict()))) == gate

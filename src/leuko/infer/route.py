@@ -31,8 +31,8 @@ its held-out split is the routed run's) plus
 * ``route.json``: what was combined, from where, and how the gate was chosen.
 
 ``load_predictor(RUN)`` returns a :class:`RoutedPredictor`; ``RUN/model.pt``
-and ``RUN/home.pt`` still name each network alone (for ``explain``,
-``export`` and ``adapt``, which work on one network).
+and ``RUN/home.pt`` still name each network alone (for ``explain`` and
+``export``, which work on one network).
 """
 
 from __future__ import annotations
@@ -256,9 +256,10 @@ class SmearGate:
         colour, mag, _ = self.scores(desc)
         return np.maximum(colour, mag)
 
-    def reasons(self, desc: np.ndarray) -> list[str]:
-        """Per descriptor row, why it is not the home lab's (``""``: it may be)."""
-        colour, mag, ratio = self.scores(desc)
+    @staticmethod
+    def reasons(scores: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[str]:
+        """Per row of :meth:`scores`, why it is not the home lab's (``""``: it may be)."""
+        colour, mag, ratio = scores
         out = []
         for c, m, r in zip(colour, mag, ratio):
             why = []
@@ -333,7 +334,8 @@ class RoutedPredictor(BasePredictor):
         if len(set(keys)) != n:
             raise LeukoError("a routed run needs a distinct key (file name) for every image")
         desc, failed_desc = self.view.describe(describe_load, n, workers=self.num_workers)
-        score = self.gate.score(desc)
+        scores = self.gate.scores(desc)
+        score = np.maximum(scores[0], scores[1])
         unreadable = {i for i, _ in failed_desc}
         near = [i for i in range(n) if i not in unreadable and score[i] <= 1.0]
         ph = member_predict(self.home, near)
@@ -349,7 +351,7 @@ class RoutedPredictor(BasePredictor):
         pr = member_predict(self.robust, rest)
         robust_row = {k: j for j, k in enumerate(pr.keys)}
         answered.update({i: ("robust", robust_row[keys[i]]) for i in rest if keys[i] in robust_row})
-        gate_why = self.gate.reasons(desc)
+        gate_why = self.gate.reasons(scores)
         why = ["; ".join(w for w in (gate_why[i], "the home network calls it unlike its training data" if unlike[i] else "") if w)
                for i in range(n)]
         rows = sorted(answered)
@@ -363,7 +365,7 @@ class RoutedPredictor(BasePredictor):
             [(keys[i], r) for i, r in failed_desc] + list(ph.failed) + list(pr.failed),
             answered_by=[answered[i][0] for i in rows],
             route_reasons=[why[i] if answered[i][0] == "robust" else "" for i in rows],
-            red_cell_ratio=self.gate.scores(desc)[2][rows],
+            red_cell_ratio=scores[2][rows],
         )
 
     def predict_samples(self, samples: Sequence[Sample], *, tta: bool = False) -> Prediction:
