@@ -9,8 +9,10 @@ the ways labs differ - stain colour (a fraction of the measured PBC -> BCCD
 shift of the smear's CIELAB mean), magnification (zoom in, zoom out onto the
 smear's colour), focus (Gaussian blur) - and prints, per shift, the share the
 home network answers and the accuracy of the home network alone, the robust
-network alone and the routed run. A safe gate keeps the routed column at or
-above the better of the two wherever it sends images.
+network alone and the routed run, and what the batch-level magnification
+check (:func:`leuko.infer.route.lab_magnification`) says of the shifted set.
+A safe gate keeps the routed column at or above the better of the two
+wherever it sends images; where it cannot, the batch check should warn.
 
 Usage::
 
@@ -29,7 +31,7 @@ import numpy as np
 from leuko.data.imageio import load_rgb
 from leuko.errors import LeukoError
 from leuko.infer import load_predictor
-from leuko.infer.route import RoutedPredictor
+from leuko.infer.route import RoutedPredictor, lab_magnification
 from leuko.runs import RunFolder
 from leuko.train.config import load_config
 from leuko.train.data import prepare_data
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     y = np.array([predictor.classes.index(s.label) for s in test])
     keys = [s.key for s in test]
     print(f"{len(test)} held-out images of {run.path.name}{', TTA' if args.tta else ''}")
-    print("| shift | home network answers | home alone | robust alone | routed |")
-    print("|---|---:|---:|---:|---:|")
+    print("| shift | home network answers | home alone | robust alone | routed | batch check: median red-cell size |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, fn in SHIFTS.items():
         t0 = time.time()
         shifted = [fn(im) for im in images]
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         robust = predictor.robust.predict_arrays(shifted, keys, tta=args.tta)
         acc = lambda p: float((p.pred == y[[keys.index(k) for k in p.keys]]).mean())  # noqa: E731
         share = float(np.mean(np.asarray(routed.answered_by) == "home"))
-        print(f"| {name} | {share:.1%} | {acc(home):.4f} | {acc(robust):.4f} | {acc(routed):.4f} |", flush=True)
+        check = lab_magnification(routed.red_cell_ratio)
+        batch = "n/a" if check is None else f"{check['median_ratio']:.2f}x" + (", warns" if check["warning"] else "")
+        print(f"| {name} | {share:.1%} | {acc(home):.4f} | {acc(robust):.4f} | {acc(routed):.4f} | {batch} |", flush=True)
         print(f"  ({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 
