@@ -197,6 +197,23 @@ def test_build_route_refuses_what_would_mislead(routed: Path, home_run: Path, ti
     assert not (tmp_path / "r3").exists()
 
 
+def test_an_interrupted_build_leaves_nothing_that_passes_for_a_routed_run(home_run: Path, tiny_run: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from leuko.train.route import build_route
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(RoutedPredictor, "predict_samples", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_route(home_run, tiny_run, tmp_path / "r", echo=lambda s: None)
+    assert not (tmp_path / "r").exists()
+    res = build_route(home_run, tiny_run, tmp_path / "r", echo=lambda s: None)  # the next attempt just works
+    assert res.out == tmp_path / "r" and (tmp_path / "r" / "route.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no partial folder left beside it
+
+
 def test_cli_route_evaluate_and_predict(routed: Path, home_run: Path, tiny_run: Path, two_labs: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     from test_cli import call

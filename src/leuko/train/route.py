@@ -22,7 +22,7 @@ from leuko.errors import LeukoError
 from leuko.infer.backends import sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
 from leuko.infer.route import RoutedPredictor, SmearGate, SmearView, is_routed
-from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, load_model, save_model
+from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, load_model, read_model_meta, save_model
 
 __all__ = ["RouteResult", "build_route"]
 
@@ -104,16 +104,21 @@ def build_route(
     gate = SmearGate.fit(desc["train"], desc["val"], quantile=quantile, chosen_on=f"{robust.path.name}'s validation split")
 
     model, meta = load_model(robust.model)
-    home_meta = {k: v for k, v in load_model(home.model)[1].items() if k in ("model", "input", "temperature", "classes")}
+    home_meta = {k: v for k, v in read_model_meta(home.model).items() if k in ("model", "input", "temperature", "classes")}
     meta = {k: v for k, v in meta.items() if k != "format"}
     meta["route"] = {"gate": gate.to_dict(), "energy": bool(energy), "home": home_meta}
-    target.mkdir(parents=True, exist_ok=True)
-    new = RunFolder(target)
-    robust.copy_record(target)
+    # Built beside the target and renamed into place when complete: an interrupted build leaves no folder
+    # that would pass for a finished routed run (or block the next attempt at --out).
+    partial = target.parent / f".{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    new = RunFolder(partial)
+    robust.copy_record(partial)
     save_model(new.model, model, meta)
-    shutil.copy2(home.model, target / HOME_FILE)
+    shutil.copy2(home.model, partial / HOME_FILE)
+    new.write_json(ROUTE_FILE, {"home_run": str(home.path.resolve()), "robust_run": str(robust.path.resolve())})
 
-    predictor = RoutedPredictor(target)
+    predictor = RoutedPredictor(partial)
     pred = predictor.predict_samples(prepared.val)
     label = {s.key: predictor.classes.index(s.label) for s in prepared.val}
     correct = np.array([label[k] for k in pred.keys]) == pred.pred
@@ -131,5 +136,8 @@ def build_route(
         "energy": bool(energy),
         "validation": {"n": len(pred.keys), "home_share": share, "accuracy": val_acc},
     })
+    if target.exists():
+        target.rmdir()  # empty (checked above)
+    partial.rename(target)
     return RouteResult(target, gate, share, val_acc)
 
