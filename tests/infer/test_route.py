@@ -230,5 +230,28 @@ def test_cli_route_evaluate_and_predict(routed: Path, home_run: Path, tiny_run: 
     assert call(["predict", str(out), str(two_labs / "other")]) == 0
     text = capsys.readouterr().out
     assert "home network answered 0" in text and "flagged" in text
-    assert call(["serve", str(out), "--port", "0"]) == 2
-    assert "routed run" in capsys.readouterr().err
+
+
+def test_the_service_answers_with_a_routed_run(routed: Path, home_run: Path, tiny_run: Path, two_labs: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from leuko.serve import create_app
+
+    paths = sorted((two_labs / "home").glob("*.png"))[:3] + sorted((two_labs / "other").glob("*.png"))[:3]
+    with TestClient(create_app(routed)) as client:
+        info = client.get("/model").json()
+        assert info["backend"] == "pytorch, routed" and info["explain"] is False
+        assert info["review"]["description"].startswith("per network: home:")
+        r = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths])
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["name"] for x in results] == [p.name for p in paths]
+        assert all(x["answered_by"] == "robust" and "smear colour" in x["routed_because"] for x in results[3:])
+        # each answer is the one the routed predictor gives the same pixels (decoded as uploads are)
+        from leuko.data.imageio import load_rgb
+
+        predictor = load_predictor(routed)
+        alone = predictor.predict_arrays([np.asarray(load_rgb(p)) for p in paths], [p.name for p in paths])
+        assert [x["answered_by"] for x in results] == alone.answered_by
+        bad = client.post("/explain", files={"file": (paths[0].name, paths[0].read_bytes(), "image/png")})
+        assert bad.status_code == 400 and "routed runs" in bad.json()["detail"]

@@ -345,6 +345,15 @@ class BasePredictor:
         return self._predict(names, array_loader(images, self.model_input), tta=tta)
 
     @property
+    def array_size(self) -> int | None:
+        """The side decoded images are best handed to :meth:`predict_arrays` at (``None``: as decoded).
+
+        A decoder that resizes straight to it (JPEG draft mode) saves the work
+        the preprocessing would do anyway, with the same pixels as a file.
+        """
+        return self.model_input.preprocess.decode_size
+
+    @property
     def review_policy(self) -> ReviewPolicy:
         """The review policy stored with the model (:mod:`leuko.infer.review`)."""
         return ReviewPolicy.from_meta(self.meta)

@@ -383,6 +383,11 @@ class RoutedPredictor(BasePredictor):
         return self._route(names, array_loader(images, self.view),  # type: ignore[arg-type]
                            lambda p, idx: p.predict_arrays([images[i] for i in idx], [names[i] for i in idx], tta=tta))
 
+    @property
+    def array_size(self) -> None:
+        """Images at their own size: the gate's view and each network resize them their own way."""
+        return None
+
     # ------------------------------------------------------------------ review
     def review_checks(self, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
         """Each row reviewed by the policy of the network that answered it."""

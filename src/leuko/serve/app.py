@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from leuko.data.preprocess import Preprocess
 from leuko.errors import LeukoError
+from leuko.infer.backends import Prediction
 from leuko.infer.review import ReviewPolicy
 from leuko.runs import RunFolder
 from leuko.serve.batching import MicroBatcher
@@ -81,6 +82,8 @@ class ImageResult(BaseModel):
     top_k: list[ClassProb]
     review: bool = Field(..., description="True when a technologist should look at this cell.")
     review_reasons: list[str] = Field(default_factory=list)
+    answered_by: str | None = Field(None, description="A routed run: the network that answered, home or robust.")
+    routed_because: str | None = Field(None, description="A routed run: why the robust network answered.")
 
 
 class PredictResponse(BaseModel):
@@ -144,7 +147,7 @@ class ModelInfo(BaseModel):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     why = {
-        400: "Malformed upload, or Grad-CAM asked of an ONNX model",
+        400: "Malformed upload, or Grad-CAM asked of an ONNX model or a routed run",
         413: "Too many files, a file or request too large, or an image with too many pixels (the limit is in the message)",
         415: "Not multipart, or a file that is not an image (the file is named)",
         422: "A corrupt or truncated image (the file is named), or an invalid body",
@@ -189,13 +192,20 @@ class Service:
     def classes(self) -> list[str]:
         return list(self.predictor.classes)
 
-    def results(self, names: Sequence[str], logits: np.ndarray, probs: np.ndarray, top_k: int) -> list[ImageResult]:
-        """Per-image answers: probabilities, top-k and the review flag with reasons."""
+    def results(self, names: Sequence[str], logits: np.ndarray, probs: np.ndarray, routing: np.ndarray, top_k: int) -> list[ImageResult]:
+        """Per-image answers: probabilities, top-k and the review flag with reasons (from the network that answered).
+
+        ``routing``: per row, ``None``, or for a routed run ``(answered_by, routed_because)``.
+        """
         classes = self.classes
-        reasons = self.policy.reasons(logits, probs, self.predictor.temperature)
+        routed = len(routing) > 0 and routing[0] is not None
+        pred = Prediction(list(names), logits, probs, classes,
+                          answered_by=[r[0] for r in routing] if routed else None,
+                          route_reasons=[r[1] for r in routing] if routed else None)
+        reasons = self.predictor.review_reasons(pred)
         k = max(1, min(top_k, len(classes)))
         out = []
-        for name, p, why in zip(names, probs, reasons):
+        for i, (name, p, why) in enumerate(zip(names, probs, reasons)):
             order = np.argsort(-p, kind="stable")[:k]
             out.append(ImageResult(
                 name=name,
@@ -205,16 +215,18 @@ class Service:
                 top_k=[ClassProb(label=classes[int(j)], prob=float(p[j])) for j in order],
                 review=bool(why),
                 review_reasons=why,
+                answered_by=pred.answered_by[i] if routed else None,
+                routed_because=(pred.route_reasons[i] or None) if routed else None,
             ))
         return out
 
     def decode_all(self, uploads: Sequence[Upload]) -> list[np.ndarray]:
         """Decode every upload, or refuse the request naming every unusable file."""
         images, errors = [], []
-        pre = self.preprocess  # decoded like a file: at the size the centre crop needs, with the model's resize
+        pre = self.preprocess  # decoded like a file: at the size the model's preprocessing starts from, with its resize
         for up in uploads:
             try:
-                images.append(decode_upload(up, self.limits, size=pre.decode_size, resize=pre.resize))
+                images.append(decode_upload(up, self.limits, size=self.predictor.array_size, resize=pre.resize))
             except UploadError as exc:
                 errors.append(exc)
         if errors:
@@ -265,20 +277,19 @@ def load_service(model: str | Path, *, limits: UploadLimits | None = None, max_b
     path = Path(model).expanduser()
     if not path.exists():
         raise LeukoError(f"model not found: {path} (give a run folder, its model.pt, or an exported .onnx file)")
-    from leuko.infer.route import is_routed
-
-    if is_routed(path):
-        raise LeukoError(f"{path} is a routed run of two networks, which the service does not serve yet; "
-                         f"serve {path / 'model.pt'} (its robust network) or {path / 'home.pt'} (its home network)")
     # Uploads arrive decoded at the model's decode size, so what is left per image (crop,
     # normalise) is cheap: done on the inference thread, no decoding pool needed.
     predictor = load_predictor(path, num_workers=0, batch_size=max(64, max_batch))
 
-    def predict_fn(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def predict_fn(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pred = predictor.predict_arrays(images)
         if pred.failed:  # decode_upload hands over H x W x 3 uint8 only; anything else is a bug
             raise RuntimeError(f"preprocessing failed for decoded uploads: {pred.failed[:3]}")
-        return pred.logits, pred.probs
+        routing = np.empty(len(pred.keys), dtype=object)  # per row: None, or (network, why) for a routed run
+        if pred.answered_by is not None:
+            for i, row in enumerate(zip(pred.answered_by, pred.route_reasons or [""] * len(pred.keys))):
+                routing[i] = row
+        return pred.logits, pred.probs, routing
 
     backend = str(predictor.backend)
     return Service(
@@ -336,8 +347,8 @@ def create_app(
     async def predict_uploads(request: Request, top_k: int, max_files: int | None = None) -> tuple[list[Upload], list[ImageResult]]:
         uploads = await read_uploads(request.headers, request.stream(), svc.limits, max_files=max_files)
         images = await run_in_threadpool(svc.decode_all, uploads)
-        logits, probs = await svc.batcher.predict(images)
-        return uploads, svc.results([u.name for u in uploads], logits, probs, top_k)
+        logits, probs, routing = await svc.batcher.predict(images)
+        return uploads, svc.results([u.name for u in uploads], logits, probs, routing, top_k)
 
     @app.get("/health", response_model=HealthResponse, tags=["service"])
     async def health() -> HealthResponse:
@@ -364,7 +375,7 @@ def create_app(
             classes=svc.classes,
             input=dict(p.input),
             temperature=float(p.temperature),
-            review=ReviewInfo(description=svc.policy.describe(), policy=svc.policy.to_dict()),
+            review=ReviewInfo(description=p.describe_review(), policy=svc.policy.to_dict()),
             training_data=run.read_json("data.json") if run is not None and run.data.is_file() else None,
             held_out=_held_out(run),
             explain=svc.backend == "pytorch",
@@ -414,7 +425,8 @@ def create_app(
     async def explain(request: Request, target: str | None = Query(None, description="Class to explain (default: the predicted one).")) -> Response:
         """Grad-CAM heat map over one image: where the network looked for the predicted (or given) class."""
         if svc.backend != "pytorch":
-            raise UploadError(400, "Grad-CAM is not available for ONNX models; serve the run folder (PyTorch) to explain predictions")
+            raise UploadError(400, "Grad-CAM is not available for ONNX models or routed runs; serve a run folder or "
+                                   "one network's model.pt (PyTorch) to explain predictions")
         if target is not None and target not in svc.classes:
             raise UploadError(422, f"unknown target class {target!r}; the model's classes are {svc.classes}")
         uploads = await read_uploads(request.headers, request.stream(), svc.limits, max_files=1)

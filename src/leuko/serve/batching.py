@@ -33,8 +33,8 @@ import numpy as np
 
 log = logging.getLogger("leuko.serve")
 
-PredictFn = Callable[[Sequence[np.ndarray]], tuple[np.ndarray, np.ndarray]]
-"""``images -> (logits, probs)``, rows in input order."""
+PredictFn = Callable[[Sequence[np.ndarray]], tuple[np.ndarray, ...]]
+"""``images -> (logits, probs, ...)``: arrays whose rows follow the input order (each caller gets its rows of each)."""
 
 
 @dataclass
@@ -95,8 +95,8 @@ class MicroBatcher:
         return self._queue.qsize()
 
     # ------------------------------------------------------------ client side
-    async def predict(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``(logits, probs)`` for ``images``, computed in a batch shared with concurrent callers."""
+    async def predict(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """``predict_fn``'s arrays (``logits, probs, ...``) for ``images``, computed in a batch shared with concurrent callers."""
         return await self._submit(_Job(list(images), None))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
@@ -138,7 +138,7 @@ class MicroBatcher:
     def _run_batch(self, batch: list[_Job]) -> None:
         images = [im for job in batch for im in (job.images or ())]
         try:
-            logits, probs = self._predict(images)
+            arrays = self._predict(images)
         except BaseException as exc:  # every waiting request learns of it; the thread lives on
             log.exception("inference failed for a batch of %d image(s)", len(images))
             for job in batch:
@@ -151,7 +151,7 @@ class MicroBatcher:
         start = 0
         for job in batch:
             k = len(job.images or ())
-            _settle(job.future, result=(logits[start : start + k], probs[start : start + k]))
+            _settle(job.future, result=tuple(a[start : start + k] for a in arrays))
             start += k
 
     @staticmethod

@@ -212,8 +212,8 @@ class _NamedBytes(io.BytesIO):
         return self.label
 
 
-def decode_upload(upload: Upload, limits: UploadLimits, *, size: int, resize: ResizeMode = "stretch") -> np.ndarray:
-    """Decode one upload to an RGB ``uint8`` array of ``size`` x ``size``, checking the header first.
+def decode_upload(upload: Upload, limits: UploadLimits, *, size: int | None, resize: ResizeMode = "stretch") -> np.ndarray:
+    """Decode one upload to an RGB ``uint8`` array of ``size`` x ``size`` (``None``: its own size), checking the header first.
 
     Raises:
         UploadError: 415 (not an image of an accepted format), 413 (too many
