@@ -170,6 +170,7 @@ def test_one_network_commands_name_the_routed_runs_members(routed: Path, tmp_pat
         load_model(routed)
     with pytest.raises(LeukoError, match="routed run"):
         export_onnx(routed, tmp_path / "m.onnx")
+    assert export_onnx(routed / "home.pt", tmp_path / "home.onnx").path.is_file()  # one network at a time
     model, meta = load_model(routed / "home.pt")  # each network is still reachable alone
     assert meta["classes"] == list(TINY_CLASSES)
     assert Predictor(routed / "model.pt").classes == list(TINY_CLASSES)
@@ -255,3 +256,25 @@ def test_the_service_answers_with_a_routed_run(routed: Path, home_run: Path, tin
         assert [x["answered_by"] for x in results] == alone.answered_by
         bad = client.post("/explain", files={"file": (paths[0].name, paths[0].read_bytes(), "image/png")})
         assert bad.status_code == 400 and "routed runs" in bad.json()["detail"]
+
+
+def test_adapting_a_routed_run_adapts_its_robust_network(routed: Path, two_labs: Path, tmp_path: Path) -> None:
+    import torch
+
+    from leuko.train.adapt import adapt_run
+
+    lab = tmp_path / "lab"
+    for ci in range(len(TINY_CLASSES)):
+        for i in range(6):
+            make_cell(lab / f"o{ci}_{i}.png", size=(48, 40), seed=8000 + 10 * ci + i, hue=70 * ci, background=OTHER_LAB)
+    res = adapt_run(routed, lab, tmp_path / "adapted", method="self-train", epochs=1, echo=lambda s: None)
+    out = res.out
+    assert (out / "home.pt").read_bytes() == (routed / "home.pt").read_bytes()  # the home network is untouched
+    info = json.loads((out / "route.json").read_text())
+    assert info["adapted"].startswith("the robust network, by self-train on ")
+    before = torch.load(routed / "model.pt", weights_only=False)
+    after = torch.load(out / "model.pt", weights_only=False)
+    assert after["route"] == before["route"] and after["adapted"]["method"] == "self-train"
+    assert any(not torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
+    pred = load_predictor(out).predict_paths(sorted(lab.glob("*.png")))
+    assert set(pred.answered_by) == {"robust"}

@@ -53,6 +53,7 @@ on) and the review policy says so.
 from __future__ import annotations
 
 import datetime as _dt
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -64,7 +65,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.runs import RunFolder, load_model, save_model
+from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, load_model, save_model
 
 ADAPT_METHODS: tuple[str, ...] = ("adabn", "self-train")
 """Adaptation methods :func:`adapt_run` knows."""
@@ -387,6 +388,10 @@ def adapt_run(
 ) -> AdaptResult:
     """Adapt the model of ``run_dir`` to the images in ``data``; write the adapted run to ``out``.
 
+    A routed run (``leuko route``) adapts its robust network, the one that
+    answers another lab's images, and keeps its home network and gate: the
+    adapted run is routed too.
+
     Args:
         data: the new lab's images (a dataset folder, or any folder of images).
         layout: how to read ``data`` (e.g. ``bccd`` crops one cell per box);
@@ -440,7 +445,8 @@ def adapt_run(
         samples = [samples[i] for i in sorted(rng.choice(len(samples), max_images, replace=False))]
     if len(samples) < MIN_IMAGES:
         raise LeukoError(f"adaptation needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
-    model, meta = load_model(run.path)
+    routed = (run.path / ROUTE_FILE).is_file()  # adapt its robust network; the home network and the gate stay
+    model, meta = load_model(run.model if routed else run.path)
     model.to(dev)
     from leuko.train.config import load_config
 
@@ -470,6 +476,11 @@ def adapt_run(
     new = RunFolder(target)
     run.copy_record(target)
     save_model(new.model, model.cpu(), {k: v for k, v in meta.items() if k != "format"})
+    if routed:
+        shutil.copy2(run.path / HOME_FILE, target / HOME_FILE)
+        route = run.read_json(ROUTE_FILE)
+        route["adapted"] = f"the robust network, by {method} on {common['data']} ({common['date']})"
+        new.write_json(ROUTE_FILE, route)
     failed_list = sorted(failed.items())
     new.write_json("adapt.json", {**adapted, "failed": failed_list})
     return AdaptResult(target, int(seen), n_layers, failed_list, adapted)
