@@ -123,6 +123,7 @@ def test_review_session_in_browser(serve_run: Path, cell_images: list[Path], sta
             assert rows[0]["corrected"] == "true" and rows[0]["reviewed"] == "true"
             assert rows[1]["corrected"] == "false" and rows[1]["reviewed"] == "true"
             assert sum(r["reviewed"] == "true" for r in rows) == 2
+            assert all(r["answered_by"] == "" for r in rows)  # one network: no routing column values
             name, text = download_text(page, "#export-count-csv")
             assert name == "leuko-count.csv"
             counted = {r["label"]: int(r["count"]) for r in csv.DictReader(io.StringIO(text))}

@@ -311,6 +311,11 @@ function renderDetail() {
     for (const why of r.review_reasons) {
       const li = document.createElement("li"); li.textContent = why; reasons.append(li);
     }
+    if (r.answered_by) {  // a routed run: which of its two networks answered, and why the robust one did
+      const li = document.createElement("li");
+      li.textContent = `answered by the ${r.answered_by} network` + (r.routed_because ? ` (${r.routed_because})` : "");
+      reasons.append(li);
+    }
   }
   for (const b of $("class-buttons").children) {
     const c = b.dataset.label;
@@ -466,13 +471,14 @@ function labelRows() {
     reviewed: c.reviewed,
     flagged: done(c) ? c.result.review : null,
     review_reasons: done(c) ? c.result.review_reasons.join("; ") : null,
+    answered_by: done(c) ? (c.result.answered_by ?? null) : null,
     error: c.error,
   }));
 }
 
 function exportLabelsCsv() {
   const rows = labelRows();
-  const header = ["name", "predicted", "confidence", "label", "corrected", "reviewed", "flagged", "review_reasons", "error"];
+  const header = ["name", "predicted", "confidence", "label", "corrected", "reviewed", "flagged", "review_reasons", "answered_by", "error"];
   download("leuko-labels.csv", toCsv(header, rows.map((r) => header.map((h) => r[h]))), "text/csv");
 }
 
