@@ -185,6 +185,8 @@ def test_build_route_refuses_what_would_mislead(routed: Path, home_run: Path, ti
         build_route(home_run, tiny_run, routed, echo=lambda s: None)
     with pytest.raises(LeukoError, match="already a routed run"):
         build_route(routed, tiny_run, tmp_path / "r1", echo=lambda s: None)
+    with pytest.raises(LeukoError, match="same folder"):
+        build_route(tiny_run, tiny_run, tmp_path / "r0", echo=lambda s: None)
     with pytest.raises(LeukoError, match="run folder not found"):
         build_route(tmp_path / "nowhere", tiny_run, tmp_path / "r2", echo=lambda s: None)
     other_split = infer_base / "home-seed5"

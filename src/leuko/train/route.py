@@ -77,6 +77,8 @@ def build_route(
     from leuko.train.distill import heldout_seen_by
 
     home, robust = _finished(home_dir, "home"), _finished(robust_dir, "robust")
+    if home.path.resolve() == robust.path.resolve():
+        raise LeukoError(f"the home and the robust run are the same folder ({home.path}); route two different runs")
     target = Path(out).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise LeukoError(f"{target} already exists; choose a new --out (a routed run never overwrites a folder)")
