@@ -166,8 +166,10 @@ class SmearGate:
       crops gets a colour-only gate, and ``chosen_on`` says so).
 
     Kept apart rather than pooled into one seven-number distance: the colour
-    numbers are heavy-tailed, and a pooled threshold set by them would let a
-    magnification change pass that the red cells alone make plain.
+    numbers are heavy-tailed, and a pooled threshold set by them would widen
+    the size test too. Even apart, one image's ruler is noisy (about +-20%), so
+    this catches gross changes of magnification only; a batch's median does
+    better (:func:`lab_magnification`).
 
     Attributes:
         mean: of the seven numbers over the training images (the last ``NaN``
