@@ -48,10 +48,9 @@ from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.infer.backends import BasePredictor, Prediction, array_loader, iter_batches, sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
+from leuko.runs import HOME_FILE, ROUTE_FILE
 
 __all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "is_routed", "lab_magnification"]
-
-from leuko.runs import HOME_FILE, ROUTE_FILE
 
 _VIEW_SIZE = 128
 _VIEW_SHARE = 0.7
@@ -391,27 +390,29 @@ class RoutedPredictor(BasePredictor):
         return None
 
     # ------------------------------------------------------------------ review
+    def _by_network(self, pred: Prediction) -> list[tuple[BasePredictor, np.ndarray, Prediction]]:
+        """``(network, row indices, those rows)`` for each network that answered rows of ``pred``."""
+        by = np.asarray(pred.answered_by or ["robust"] * len(pred.keys))
+        out = []
+        for name, member in (("home", self.home), ("robust", self.robust)):
+            idx = np.flatnonzero(by == name)
+            if len(idx):
+                out.append((member, idx, Prediction([pred.keys[i] for i in idx], pred.logits[idx], pred.probs[idx], pred.classes)))
+        return out
+
     def review_checks(self, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
         """Each row reviewed by the policy of the network that answered it."""
         low = np.zeros(len(pred.keys), bool)
         unlike = np.zeros(len(pred.keys), bool)
-        by = np.asarray(pred.answered_by or ["robust"] * len(pred.keys))
-        for name, member in (("home", self.home), ("robust", self.robust)):
-            m = by == name
-            if m.any():
-                sub = Prediction([k for k, t in zip(pred.keys, m) if t], pred.logits[m], pred.probs[m], pred.classes)
-                low[m], unlike[m] = member.review_checks(sub)
+        for member, idx, sub in self._by_network(pred):
+            low[idx], unlike[idx] = member.review_checks(sub)
         return low, unlike
 
     def review_reasons(self, pred: Prediction) -> list[list[str]]:
-        by = pred.answered_by or ["robust"] * len(pred.keys)
         out: list[list[str]] = [[] for _ in pred.keys]
-        for name, member in (("home", self.home), ("robust", self.robust)):
-            idx = [i for i, b in enumerate(by) if b == name]
-            if idx:
-                sub = Prediction([pred.keys[i] for i in idx], pred.logits[idx], pred.probs[idx], pred.classes)
-                for i, why in zip(idx, member.review_reasons(sub)):
-                    out[i] = why
+        for member, idx, sub in self._by_network(pred):
+            for i, why in zip(idx, member.review_reasons(sub)):
+                out[i] = why
         return out
 
     def describe_review(self) -> str:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from leuko.errors import LeukoError
+from leuko.evaluate.run import route_summary
 from leuko.infer.backends import sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
 from leuko.infer.route import RoutedPredictor, SmearGate, SmearView, is_routed
@@ -118,18 +119,15 @@ def build_route(
     robust.copy_record(partial)
     save_model(new.model, model, meta)
     shutil.copy2(home.model, partial / HOME_FILE)
-    new.write_json(ROUTE_FILE, {"home_run": str(home.path.resolve()), "robust_run": str(robust.path.resolve())})
 
     predictor = RoutedPredictor(partial)
     pred = predictor.predict_samples(prepared.val)
     label = {s.key: predictor.classes.index(s.label) for s in prepared.val}
     correct = np.array([label[k] for k in pred.keys]) == pred.pred
-    by = np.asarray(pred.answered_by)
-    val_acc: dict[str, float | None] = {
-        name: (float(correct[by == name].mean()) if (by == name).any() else None) for name in ("home", "robust")
-    }
+    summary = route_summary(pred.answered_by or [], correct)
+    val_acc: dict[str, float | None] = {name: summary[name]["accuracy"] for name in ("home", "robust")}
     val_acc["routed"] = float(correct.mean()) if len(correct) else None
-    share = float((by == "home").mean()) if len(by) else 0.0
+    share = summary["home"]["share"]
     new.write_json(ROUTE_FILE, {
         "home_run": str(home.path.resolve()),
         "robust_run": str(robust.path.resolve()),
