@@ -517,7 +517,7 @@ def _print_side_by_side(run_dir: Path, m: dict) -> None:
 
 @app.command("explain")
 def explain_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder (or its model.pt)."),
+    run_dir: Path = typer.Argument(..., help="A run folder (or its model.pt); a routed run explains each image with the network that answers it."),
     paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the Grad-CAM PNGs."),
     class_: Optional[str] = typer.Option(None, "--class", "-c", help="Explain this class instead of the predicted one."),
@@ -530,13 +530,16 @@ def explain_cmd(
     for path, reason in result.failed:
         err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
     table = Table(show_edge=False)
+    routed = any(r.network for r in result.images)
     table.add_column("image")
     table.add_column("prediction")
+    if routed:
+        table.add_column("network")
     if class_ is not None:
         table.add_column(f"p({class_})", justify="right")
     table.add_column("PNG")
     for r in result.images:
-        extra = [f"{r.explained_p:.3f}"] if class_ is not None else []
+        extra = ([r.network] if routed else []) + ([f"{r.explained_p:.3f}"] if class_ is not None else [])
         table.add_row(r.path.name, f"{r.pred} ({r.confidence:.3f})", *extra, str(r.png))
     console.print(table)
     console.print(f"{len(result.images)} explained (layer {result.layer}), {len(result.failed)} unreadable; [green]written:[/] {out}")
@@ -544,7 +547,7 @@ def explain_cmd(
 
 @app.command("report")
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder written by 'leuko train'."),
+    run_dir: Path = typer.Argument(..., help="A run folder written by 'leuko train', 'leuko adapt' or 'leuko route'."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset to evaluate on when the run has no evaluation yet (default: the run's own)."),
     layout: Optional[str] = LayoutOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN_DIR/report.html); a .md and a figures folder go beside it."),

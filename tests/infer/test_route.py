@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +245,7 @@ def test_the_service_answers_with_a_routed_run(routed: Path, home_run: Path, tin
     paths = sorted((two_labs / "home").glob("*.png"))[:3] + sorted((two_labs / "other").glob("*.png"))[:3]
     with TestClient(create_app(routed)) as client:
         info = client.get("/model").json()
-        assert info["backend"] == "pytorch, routed" and info["explain"] is False
+        assert info["backend"] == "pytorch, routed" and info["explain"] is True
         assert info["review"]["description"].startswith("per network: home:")
         r = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths])
         assert r.status_code == 200, r.text
@@ -256,8 +258,63 @@ def test_the_service_answers_with_a_routed_run(routed: Path, home_run: Path, tin
         predictor = load_predictor(routed)
         alone = predictor.predict_arrays([np.asarray(load_rgb(p)) for p in paths], [p.name for p in paths])
         assert [x["answered_by"] for x in results] == alone.answered_by
-        bad = client.post("/explain", files={"file": (paths[0].name, paths[0].read_bytes(), "image/png")})
-        assert bad.status_code == 400 and "routed runs" in bad.json()["detail"]
+        for i in (0, 3):  # Grad-CAM from the network that answered the upload, named in a header
+            r = client.post("/explain", files={"file": (paths[i].name, paths[i].read_bytes(), "image/png")})
+            assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+            assert r.headers["X-Leuko-Network"] == alone.answered_by[i]
+            assert r.headers["X-Leuko-Label"] == TINY_CLASSES[int(alone.probs[i].argmax())]
+
+
+def test_grad_cam_of_a_routed_run_is_the_answering_networks(routed: Path, home_run: Path, tiny_run: Path,
+                                                            two_labs: Path, tmp_path: Path) -> None:
+    from leuko.data.imageio import load_rgb
+    from leuko.explain import GradCAM, RoutedGradCAM, explain_images, explainer_for
+
+    predictor = load_predictor(routed)
+    explainer = explainer_for(predictor)
+    assert isinstance(explainer, RoutedGradCAM) and isinstance(explainer_for(Predictor(tiny_run)), GradCAM)
+    paths = sorted((two_labs / "home").glob("*.png")) + sorted((two_labs / "other").glob("*.png"))
+    routed_pred = predictor.predict_paths(paths)
+    alone = {"home": GradCAM(Predictor(home_run)), "robust": GradCAM(Predictor(tiny_run))}
+    for i in (0, len(paths) - 1):  # a home-lab cell and another lab's
+        rgb = np.asarray(load_rgb(paths[i]))
+        exp = explainer.explain_array(rgb)
+        assert exp.network == routed_pred.answered_by[i] and f"by the {exp.network} network" in exp.title()
+        ref = alone[exp.network].explain_array(rgb)
+        np.testing.assert_allclose(exp.cam, ref.cam, atol=1e-5)
+        np.testing.assert_allclose(exp.probs, routed_pred.probs[i], atol=1e-5)  # the prediction it explains
+        other = "home" if exp.network == "robust" else "robust"  # told the network: no routing, that network's map
+        np.testing.assert_allclose(explainer.explain_array(rgb, 1, network=other).cam, alone[other].explain_array(rgb, 1).cam,
+                                   atol=1e-5)
+    with pytest.raises(LeukoError, match="home and robust"):
+        explainer.explain_array(rgb, network="third")
+    res = explain_images(routed, [two_labs], tmp_path / "cams")
+    got = {str(r.path): r.network for r in res.images}
+    assert got == dict(zip(routed_pred.keys, routed_pred.answered_by)) and len(got) == len(paths)
+    assert all(r.png.is_file() for r in res.images)
+
+
+def test_report_of_a_routed_run(routed: Path, home_run: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from leuko.reports import write_report
+
+    shutil.copytree(routed, tmp_path / "routed")  # the report evaluates into the run folder
+    run = tmp_path / "routed"
+    files = write_report(run, echo=lambda s: None)
+    text = files.html.read_text()
+    preds = pd.read_csv(run / "eval" / "test" / "predictions.csv")
+    assert set(preds["answered_by"]) <= {"home", "robust"} and len(preds) > 0  # the evaluation names the network
+    m = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    for name in ("home", "robust"):
+        t = re.search(rf'data-metric="temperature:{name}" data-value="([^"]+)"', text)
+        assert t is not None and float(t.group(1)) == pytest.approx(
+            Predictor(run / ("home.pt" if name == "home" else "model.pt")).temperature)
+        assert f"<th>{name}</th><td>{m['route'][name]['n']}</td>" in text
+    assert "The home network (home.pt)" in text and "The robust network (model.pt)" in text
+    assert str(home_run.resolve()) in text and "Mahalanobis distance" in text
+    assert 'data-metric="ece_before"' not in text  # two temperatures: no single one to undo
+    assert (files.figures / "gradcam_correct.png").is_file()
 
 
 def test_adapting_a_routed_run_adapts_its_robust_network(routed: Path, two_labs: Path, tmp_path: Path) -> None:

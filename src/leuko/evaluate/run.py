@@ -209,6 +209,9 @@ def evaluate_run(
         write_table(epoch_table(run.metrics), out_dir / "epochs", title=f"Per-epoch accuracy and loss: {run.path.name}")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     frame = predictions_frame([str(s.path) if s.crop is None else s.key for s in kept], y, probs, target_classes)
+    if pred.answered_by is not None:  # a routed run: which network answered each row (the report explains with it)
+        frame["answered_by"] = pred.answered_by
+        frame["routed_because"] = pred.route_reasons or [""] * len(kept)
     frame.to_csv(out_dir / "predictions.csv", index=False)
     report = classification_report_text(metrics, target_classes)
     (out_dir / "report.txt").write_text(report + "\n")

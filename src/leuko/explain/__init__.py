@@ -7,7 +7,7 @@ on files and folders.
 
 from __future__ import annotations
 
-from leuko.explain.gradcam import Explanation, GradCAM, explanation_png, find_target_layer, overlay
+from leuko.explain.gradcam import Explanation, GradCAM, RoutedGradCAM, explainer_for, explanation_png, find_target_layer, overlay
 from leuko.explain.images import ExplainResult, ExplainedImage, explain_images
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "ExplainedImage",
     "Explanation",
     "GradCAM",
+    "RoutedGradCAM",
     "explain_images",
+    "explainer_for",
     "explanation_png",
     "find_target_layer",
     "overlay",

@@ -26,6 +26,12 @@ Design choices, and why:
 * **Exactly the Predictor's preprocessing.** The input is made by
   ``predictor.transform()`` (resize, centre crop, CLAHE, normalisation), so the
   probabilities shown next to a heat map are the ones ``leuko predict`` gives.
+* **A routed run explains with the network that answers.** Its two networks
+  (:mod:`leuko.infer.route`) see different inputs and use different evidence;
+  a map from the other one would explain a prediction nobody made.
+  :class:`RoutedGradCAM` asks the run's gate which network answers an image
+  (or is told, when an evaluation already recorded it) and returns that
+  network's map, naming the network. :func:`explainer_for` picks the class.
 """
 
 from __future__ import annotations
@@ -45,12 +51,16 @@ from leuko.evaluate.calibration import softmax
 
 if TYPE_CHECKING:
     from leuko.data.transforms import Preprocess
+    from leuko.infer.backends import BasePredictor
     from leuko.infer.predictor import Predictor
+    from leuko.infer.route import RoutedPredictor
 
 __all__ = [
     "Explanation",
     "GradCAM",
+    "RoutedGradCAM",
     "cam_to_image",
+    "explainer_for",
     "explanation_png",
     "find_target_layer",
     "input_box",
@@ -223,6 +233,8 @@ class Explanation:
         classes: class names, in output order.
         image: the RGB ``uint8`` image that was explained (for overlays).
         layer: the module the map was taken from.
+        network: a routed run's network that answered and was explained
+            (``"home"`` or ``"robust"``); empty for a single network.
     """
 
     cam: np.ndarray
@@ -231,6 +243,7 @@ class Explanation:
     classes: list[str] = field(default_factory=list)
     image: np.ndarray | None = None
     layer: str = ""
+    network: str = ""
 
     @property
     def predicted(self) -> int:
@@ -253,6 +266,8 @@ class Explanation:
     def title(self) -> str:
         """``"predicted neutrophil (p = 0.93)"``, plus a line for the explained class when it is another."""
         head = f"predicted {self.predicted_name} (p = {float(self.probs[self.predicted]):.2f})"
+        if self.network:
+            head += f" by the {self.network} network"
         if self.class_index != self.predicted:
             head += f"\nGrad-CAM for {self.class_name} (p = {self.probability:.2f})"
         return head
@@ -367,6 +382,71 @@ class GradCAM:
                 handle.remove()
                 self.model.train(was_training)
         return captured["a"][0].detach().float(), grad[0].float(), logits[0].detach().float().cpu().numpy()
+
+
+class RoutedGradCAM:
+    """Grad-CAM for a routed run: each image explained by the network that answers it.
+
+    Same interface as :class:`GradCAM` (``classes``, ``layer``,
+    ``class_index``, ``explain_array``, ``explain_path``); every
+    :class:`Explanation` names its network. The choice costs one routed
+    prediction of the image (the gate's smear view and, for images in the
+    home lab's envelope, the home network's energy check); pass ``network``
+    when it is already known, e.g. from an evaluation's ``answered_by``.
+
+    Args:
+        predictor: the routed run (:class:`~leuko.infer.route.RoutedPredictor`).
+        layer: a module name to use in both networks (default: each network's
+            own :func:`find_target_layer`).
+    """
+
+    def __init__(self, predictor: "RoutedPredictor", *, layer: str | None = None) -> None:
+        self.predictor = predictor
+        self.networks: dict[str, GradCAM] = {
+            "home": GradCAM(predictor.home, layer=layer),
+            "robust": GradCAM(predictor.robust, layer=layer),
+        }
+        self.classes: list[str] = list(predictor.classes)
+        layers = {name: g.layer for name, g in self.networks.items()}
+        self.layer = layers["home"] if len(set(layers.values())) == 1 else "; ".join(f"{k} {v}" for k, v in layers.items())
+
+    def class_index(self, target: int | str | None) -> int | None:
+        return self.networks["robust"].class_index(target)
+
+    def answering(self, rgb: np.ndarray) -> str:
+        """The network that answers ``rgb`` (``"home"`` or ``"robust"``), as ``leuko predict`` decides it."""
+        pred = self.predictor.predict_arrays([_check_rgb(rgb)], ["image"])
+        if not pred.answered_by:
+            why = pred.failed[0][1] if pred.failed else "no prediction"
+            raise LeukoError(f"the routed run cannot read this image: {why}")
+        return pred.answered_by[0]
+
+    def explain_array(self, rgb: np.ndarray, target: int | str | None = None, *, network: str | None = None
+                      ) -> Explanation:
+        """Explain ``rgb`` with the network that answers it (or ``network``, ``"home"``/``"robust"``)."""
+        image = _check_rgb(rgb)
+        name = self.answering(image) if network is None else network
+        if name not in self.networks:
+            raise LeukoError(f"a routed run's networks are home and robust; got {name!r}")
+        exp = self.networks[name]._explain(image, target)
+        exp.network = name
+        return exp
+
+    def explain_path(self, path: str | Path, target: int | str | None = None) -> Explanation:
+        """Explain an image file (decoded at full size; unreadable files raise LeukoError)."""
+        from leuko.data.imageio import load_rgb
+
+        return self.explain_array(load_rgb(Path(path)), target)
+
+
+def explainer_for(predictor: "BasePredictor", *, layer: str | None = None) -> "GradCAM | RoutedGradCAM":
+    """The Grad-CAM of a predictor: :class:`RoutedGradCAM` for a routed run, else :class:`GradCAM`
+    (which refuses, in one line, a predictor without a PyTorch model, e.g. ONNX)."""
+    from leuko.infer.route import RoutedPredictor
+
+    if isinstance(predictor, RoutedPredictor):
+        return RoutedGradCAM(predictor, layer=layer)
+    return GradCAM(predictor, layer=layer)  # type: ignore[arg-type]
 
 
 def _check_rgb(rgb: Any) -> np.ndarray:

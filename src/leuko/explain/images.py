@@ -2,7 +2,9 @@
 
 Inputs are gathered exactly as ``leuko predict`` gathers them
 (:func:`leuko.infer.predict.collect_images`), so the same arguments work
-for both commands.
+for both commands. A routed run's images are each explained by the network
+that answers them (:class:`~leuko.explain.gradcam.RoutedGradCAM`), named in
+``ExplainedImage.network``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import Sequence
 
 from leuko.data.imageio import check_image, load_rgb
 from leuko.errors import LeukoError
-from leuko.explain.gradcam import GradCAM, explanation_png
+from leuko.explain.gradcam import explainer_for, explanation_png
+from leuko.infer.backends import load_predictor
 from leuko.infer.predict import collect_images
-from leuko.infer.predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class ExplainedImage:
     explained: str
     explained_p: float
     png: Path
+    network: str = ""
 
 
 @dataclass
@@ -62,7 +65,7 @@ def explain_images(
     """Write a Grad-CAM PNG per image into ``out`` (for the predicted class, or ``target``).
 
     Args:
-        model: a run folder or its ``model.pt``.
+        model: a run folder (single-network or routed) or a ``model.pt``.
         inputs: image files and/or folders (searched recursively).
         out: folder for the PNGs (created).
         target: a class name to explain instead of each image's predicted class.
@@ -73,7 +76,7 @@ def explain_images(
             images are not errors, they are listed in ``failed``.
     """
     paths = collect_images(inputs)
-    explainer = GradCAM(Predictor(model, device=device))
+    explainer = explainer_for(load_predictor(model, device=device))
     wanted = explainer.class_index(target)
     out_dir = Path(out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
@@ -96,6 +99,7 @@ def explain_images(
         png = out_dir / _png_name(p, taken, suffix)
         explanation_png(exp, alpha=alpha, out=png)
         result.images.append(
-            ExplainedImage(p, exp.predicted_name, float(exp.probs[exp.predicted]), exp.class_name, exp.probability, png)
+            ExplainedImage(p, exp.predicted_name, float(exp.probs[exp.predicted]), exp.class_name, exp.probability, png,
+                           exp.network)
         )
     return result

@@ -15,6 +15,12 @@ What goes in, and from where (nothing is recomputed that the run already has):
 * Grad-CAM: the most confident correct image of every class and the most
   confident mistakes, each with its heat map(s);
 * leakage: ``leakage.json`` (train/held-out duplicate check) when present.
+
+A routed run (``leuko route``) gets the same report plus what makes it one:
+its two networks side by side, the gate (``route.json``), which network
+answered how many of the evaluated images and how well, and Grad-CAMs taken
+from the network that answered each image. Its configuration, data and
+training record are the robust network's, as the run folder holds them.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import pandas as pd
 from leuko.errors import LeukoError
 from leuko.reports.content import Cell, Code, Figure, Report, Section, Table, Text, fmt, metric_cell
 from leuko.reports.render import render_html, render_markdown
-from leuko.runs import RunFolder
+from leuko.runs import ROUTE_FILE, RunFolder
 
 Echo = Callable[[str], None]
 
@@ -161,13 +167,50 @@ def _split_key(key: str) -> tuple[Path, tuple[int, int, int, int] | None]:
 # --------------------------------------------------------------------------- sections
 
 
-def _overview(run: RunFolder, meta: dict[str, Any], ev: Evaluation) -> Section:
-    m = ev.metrics
-    ci = (m.get("ci95") or {}).get("accuracy") or [None, None]
+def _model_name(meta: dict[str, Any]) -> str:
     spec = meta.get("model", {})
+    return f"{spec.get('name')} (head {spec.get('head')}, weights {spec.get('pretrained')})"
+
+
+def _networks(predictor: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(title, model file, meta)`` of each network: one, or a routed run's home and robust networks."""
+    from leuko.runs import HOME_FILE
+
+    if _is_routed(predictor):
+        return [("home network", HOME_FILE, dict(predictor.home.meta)), ("robust network", "model.pt", dict(predictor.robust.meta))]
+    return [("model", "model.pt", dict(predictor.meta))]
+
+
+def _is_routed(predictor: Any) -> bool:
+    from leuko.infer.route import RoutedPredictor
+
+    return isinstance(predictor, RoutedPredictor)
+
+
+def _answered(m: dict[str, Any]) -> str:
+    """``home 97.5% (99.14% correct), robust 2.5% (80.00% correct)`` from a routed evaluation's ``route``."""
+    route = m.get("route") or {}
+    parts = []
+    for name in ("home", "robust"):
+        r = route.get(name) or {}
+        acc = r.get("accuracy")
+        parts.append(f"{name} {100 * float(r.get('share', 0.0)):.1f}%" + ("" if acc is None else f" ({100 * float(acc):.2f}% correct)"))
+    return ", ".join(parts)
+
+
+def _overview(run: RunFolder, predictor: Any, ev: Evaluation) -> Section:
+    m = ev.metrics
+    meta = dict(predictor.meta)
+    ci = (m.get("ci95") or {}).get("accuracy") or [None, None]
+    routed = _is_routed(predictor)
+    models: list[tuple[str, Any]] = (
+        [("model", "routed: the home network where the smear is the home lab's, the robust one elsewhere"),
+         *[(title, _model_name(net_meta)) for title, _, net_meta in _networks(predictor)]]
+        if routed else [("model", _model_name(meta))]
+    )
     rows: list[tuple[str, Any]] = [
         ("run folder", str(run.path)),
-        ("model", f"{spec.get('name')} (head {spec.get('head')}, weights {spec.get('pretrained')})"),
+        *models,
         ("classes", ", ".join(meta.get("classes", []))),
         ("evaluated on", (m.get("data") or {}).get("source", "n/a")),
         ("images evaluated", int(m.get("n", 0))),
@@ -176,6 +219,8 @@ def _overview(run: RunFolder, meta: dict[str, Any], ev: Evaluation) -> Section:
         ("macro-F1", metric_cell("macro_f1", m.get("macro_f1"))),
         ("ECE (calibrated)", metric_cell("ece", m.get("ece"))),
     ]
+    if routed and m.get("route"):
+        rows.append(("answered by", _answered(m)))
     blocks: list[Any] = [_kv_table(rows)]
     split = (m.get("data") or {}).get("split")
     if split == "val":
@@ -211,7 +256,47 @@ def _data(run: RunFolder) -> Section:
     return Section("Data", "data", [_kv_table(facts), Table(["class", *roles, "all"], rows, "Images per class and split")])
 
 
-def _model(meta: dict[str, Any], layer: str) -> Section:
+def _model(predictor: Any, explainer: Any, run: RunFolder, ev: Evaluation) -> Section:
+    """One network's fact sheet, or a routed run's gate, its evaluation split by network, and both fact sheets."""
+    networks = _networks(predictor)
+    if len(networks) == 1:
+        return Section("Model", "model", _network_blocks(networks[0][2], explainer.layer))
+    route = run.read_json(ROUTE_FILE) if (run.path / ROUTE_FILE).is_file() else {}
+    blocks: list[Any] = [
+        Text("A routed run: two networks trained on the same lab and split, and a per-image gate that decides, from "
+             "the image alone, which of them answers (leuko route)."),
+        _kv_table([
+            ("gate", predictor.gate.describe()),
+            ("home network's energy check", "on" if predictor.use_energy else "off"),
+            ("home network from", route.get("home_run")),
+            ("robust network from", route.get("robust_run")),
+            ("built", route.get("date")),
+            *([("adapted", route["adapted"])] if route.get("adapted") else []),
+        ], "Routing"),
+    ]
+    r = ev.metrics.get("route") or {}
+    if r:
+        rows: list[list[str | Cell]] = []
+        for name in ("home", "robust"):
+            x = r.get(name) or {}
+            rows.append([name, fmt(int(x.get("n", 0))), f"{100 * float(x.get('share', 0.0)):.1f}%", fmt(x.get("accuracy"))])
+        blocks.append(Table(["network", "images answered", "share", "accuracy there"], rows,
+                            "Which network answered the evaluated images"))
+        mag = r.get("magnification")
+        if mag:
+            blocks.append(Text(
+                f"Median red-cell size of the evaluated images: {float(mag['median_ratio']):.2f}x the home lab's "
+                f"({int(mag['n_measured'])} images measured)" + (f": {mag['warning']}" if mag.get("warning") else "."),
+                "warning" if mag.get("warning") else "p"))
+    layers = getattr(explainer, "networks", {})
+    for title, file, net_meta in networks:
+        name = title.split()[0]
+        blocks.append(Text(f"The {title} ({file}):"))
+        blocks += _network_blocks(net_meta, layers[name].layer if name in layers else explainer.layer)
+    return Section("Model", "model", blocks)
+
+
+def _network_blocks(meta: dict[str, Any], layer: str) -> list[Any]:
     spec, inp = meta.get("model", {}), meta.get("input", {})
     rows: list[tuple[str, Any]] = [
         ("architecture", spec.get("name")),
@@ -230,13 +315,16 @@ def _model(meta: dict[str, Any], layer: str) -> Section:
         blocks += [Text("This model was adapted after training:", "note"), _kv_table([(str(k), v) for k, v in items], "Adaptation")]
     else:
         blocks.append(Text("The model was not adapted to other data after training."))
-    return Section("Model", "model", blocks)
+    return blocks
 
 
 def _training(run: RunFolder, ev: Evaluation, fig_dir: Path) -> Section:
     from leuko.evaluate.figures import plot_training_curves
 
     blocks: list[Any] = []
+    if (run.path / ROUTE_FILE).is_file():
+        home = run.read_json(ROUTE_FILE).get("home_run")
+        blocks.append(Text(f"The training record of the robust network; the home network's is in its own run folder ({home}).", "note"))
     if run.summary.is_file():
         s = run.read_json("summary.json")
         wall = s.get("wall_time_s")
@@ -264,7 +352,7 @@ def _training(run: RunFolder, ev: Evaluation, fig_dir: Path) -> Section:
                 [_epoch(r[c]) if c == "epoch" else fmt(r[c]) for c in cols] for _, r in frame.iterrows()
             ]
             blocks.append(Table(cols, rows, "Per-epoch metrics (metrics.csv)"))
-    if not blocks:
+    if not run.summary.is_file() and not run.metrics.is_file():
         blocks.append(Text("The run has no summary.json or metrics.csv.", "note"))
     return Section("Training", "training", blocks)
 
@@ -320,16 +408,23 @@ def _evaluation(ev: Evaluation, fig_dir: Path) -> Section:
     return Section("Evaluation", "evaluation", blocks)
 
 
-def _calibration(run: RunFolder, meta: dict[str, Any], ev: Evaluation, fig_dir: Path) -> Section:
+def _calibration(run: RunFolder, predictor: Any, ev: Evaluation, fig_dir: Path) -> Section:
     from leuko.evaluate.calibration import ece, softmax
     from leuko.evaluate.figures import plot_reliability
 
+    meta = dict(predictor.meta)
     t = float(ev.metrics.get("temperature", meta.get("temperature", 1.0)))
     probs, y, _ = _probs(ev)
     cmap = ev.metrics.get("class_map") or {}
-    identity = not cmap.get("merge") and not cmap.get("exclude")
+    networks = _networks(predictor)
+    # One temperature undoes every row's scaling only when one network answered them all.
+    identity = not cmap.get("merge") and not cmap.get("exclude") and len(networks) == 1
     blocks: list[Any] = []
-    rows: list[tuple[str, Any]] = [("temperature", metric_cell("temperature", t))]
+    rows: list[tuple[str, Any]] = (
+        [("temperature", metric_cell("temperature", t))] if len(networks) == 1 else
+        [(f"temperature, {title}", metric_cell(f"temperature:{title.split()[0]}", float(m.get("temperature", 1.0))))
+         for title, _, m in networks]
+    )
     summary = run.read_json("summary.json") if run.summary.is_file() else {}
     cal = summary.get("calibration")
     if cal:
@@ -355,11 +450,12 @@ def _calibration(run: RunFolder, meta: dict[str, Any], ev: Evaluation, fig_dir: 
         path = plot_reliability(probs, y, fig_dir / "reliability.png")
         caption = "Reliability diagram of the evaluated images"
     blocks.append(Figure(path, caption + " (bars below the diagonal: over-confident)"))
-    review = meta.get("review")
-    if isinstance(review, dict) and review:
-        flat = [(str(k), v) for k, v in review.items() if not isinstance(v, (dict, list))]
-        if flat:
-            blocks.append(_kv_table(flat, "Review policy stored with the model"))
+    for title, file, net_meta in networks:
+        review = net_meta.get("review")
+        if isinstance(review, dict) and review:
+            flat = [(str(k), v) for k, v in review.items() if not isinstance(v, (dict, list))]
+            if flat:
+                blocks.append(_kv_table(flat, "Review policy stored with the model" + (f" ({title}, {file})" if len(networks) > 1 else "")))
     return Section("Calibration", "calibration", blocks)
 
 
@@ -375,16 +471,22 @@ def _gradcams(ev: Evaluation, explainer: Any, fig_dir: Path, echo: Echo) -> Sect
         "named above the map. A network that looks at the background or the image border rather than the cell "
         "has learned a shortcut.")]
     missing: list[str] = []
+    routed = "answered_by" in frame.columns  # a routed run: each map from the network that answered the image
+    if routed:
+        blocks.append(Text("A routed run: each image's maps come from the network that answered it (named in its title)."))
 
-    def explain(key: str, target: str | None) -> tuple[np.ndarray, Any] | None:
-        path, crop = _split_key(key)
+    def explain(r: pd.Series, target: str | None) -> tuple[np.ndarray, Any] | None:
+        path, crop = _split_key(str(r["path"]))
         try:
             rgb = load_rgb(path, crop=crop)
         except LeukoError:
             missing.append(str(path))
             return None
         idx = model_classes.index(target) if target in model_classes else None
-        return rgb, explainer.explain_array(rgb, idx)
+        return rgb, explainer.explain_array(rgb, idx, **({"network": str(r["answered_by"])} if routed else {}))
+
+    def by(e: Any) -> str:
+        return f", {e.network} network" if e.network else ""
 
     # one confident, correct image per class
     items, titles = [], []
@@ -394,12 +496,12 @@ def _gradcams(ev: Evaluation, explainer: Any, fig_dir: Path, echo: Echo) -> Sect
         if rows.empty:
             continue
         r = rows.loc[rows["confidence"].idxmax()]
-        got = explain(str(r["path"]), c)
+        got = explain(r, c)
         if got is None:
             continue
         rgb, e = got
         items.append([rgb, overlay(rgb, e.cam)])
-        titles.append(f"{c} (p = {float(r['confidence']):.2f})\n{_split_key(str(r['path']))[0].name}")
+        titles.append(f"{c} (p = {float(r['confidence']):.2f}{by(e)})\n{_split_key(str(r['path']))[0].name}")
     if items:
         path = plot_gradcam_grid(items, titles, fig_dir / "gradcam_correct.png", panel_titles=["image", "Grad-CAM: predicted class"], ncols=2)
         blocks.append(Figure(path, "The most confident correct image of each class, with the Grad-CAM of its class"))
@@ -409,15 +511,17 @@ def _gradcams(ev: Evaluation, explainer: Any, fig_dir: Path, echo: Echo) -> Sect
     wrong = frame[frame["true"] != frame["pred"]].sort_values("confidence", ascending=False).head(MAX_MISCLASSIFIED)
     items, titles = [], []
     for _, r in wrong.iterrows():
-        got = explain(str(r["path"]), str(r["pred"]))
+        got = explain(r, str(r["pred"]))
         if got is None:
             continue
         rgb, e = got
         row = [rgb, overlay(rgb, e.cam)]
         if r["true"] in model_classes:
-            row.append(overlay(rgb, explainer.explain_array(rgb, model_classes.index(r["true"])).cam))
+            row.append(overlay(rgb, explainer.explain_array(rgb, model_classes.index(r["true"]),
+                                                            **({"network": e.network} if e.network else {})).cam))
         items.append(row)
-        titles.append(f"true {r['true']} → predicted {r['pred']} (p = {float(r['confidence']):.2f})\n{_split_key(str(r['path']))[0].name}")
+        titles.append(f"true {r['true']} → predicted {r['pred']} (p = {float(r['confidence']):.2f}{by(e)})\n"
+                      f"{_split_key(str(r['path']))[0].name}")
     n_wrong = int((frame["true"] != frame["pred"]).sum())
     if items:
         path = plot_gradcam_grid(items, titles, fig_dir / "gradcam_misclassified.png",
@@ -465,8 +569,8 @@ def build_report(
 ) -> Report:
     """The report of a run as a content model; its figures are written into ``fig_dir``."""
     import leuko
-    from leuko.explain.gradcam import GradCAM
-    from leuko.infer.predictor import Predictor
+    from leuko.explain.gradcam import explainer_for
+    from leuko.infer.backends import load_predictor
 
     run = RunFolder.open(run_dir)
     if not run.model.is_file():
@@ -474,27 +578,28 @@ def build_report(
     figs = Path(fig_dir)
     figs.mkdir(parents=True, exist_ok=True)
     ev = load_or_evaluate(run, data=data, layout=layout, echo=echo)
-    predictor = Predictor(run.path)
+    predictor = load_predictor(run.path)
     meta = dict(predictor.meta)
-    explainer = GradCAM(predictor)
+    explainer = explainer_for(predictor)
     sections = [
-        _overview(run, meta, ev),
+        _overview(run, predictor, ev),
         _config(run),
         _data(run),
-        _model(meta, explainer.layer),
+        _model(predictor, explainer, run, ev),
         _training(run, ev, figs),
         _evaluation(ev, figs),
-        _calibration(run, meta, ev, figs),
+        _calibration(run, predictor, ev, figs),
         _gradcams(ev, explainer, figs, echo),
     ]
     leak = _leakage(run)
     if leak is not None:
         sections.append(leak)
-    spec = meta.get("model", {})
+    names = [str(m.get("model", {}).get("name")) for _, _, m in _networks(predictor)]
+    model = names[0] if len(names) == 1 else f"routed (home {names[0]}, robust {names[1]})"
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return Report(
         title=f"leuko run report: {run.path.name}",
-        subtitle=f"{spec.get('name')} on {len(meta.get('classes', []))} classes; accuracy "
+        subtitle=f"{model} on {len(meta.get('classes', []))} classes; accuracy "
                  f"{fmt(ev.metrics.get('accuracy'))} on {int(ev.metrics.get('n', 0))} held-out images",
         sections=sections,
         footer=f"Written by leuko {leuko.__version__} on {now} from {run.path.resolve()}.",

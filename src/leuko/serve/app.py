@@ -147,7 +147,7 @@ class ModelInfo(BaseModel):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     why = {
-        400: "Malformed upload, or Grad-CAM asked of an ONNX model or a routed run",
+        400: "Malformed upload, or Grad-CAM asked of an ONNX model",
         413: "Too many files, a file or request too large, or an image with too many pixels (the limit is in the message)",
         415: "Not multipart, or a file that is not an image (the file is named)",
         422: "A corrupt or truncated image (the file is named), or an invalid body",
@@ -187,6 +187,11 @@ class Service:
     preprocess: Preprocess
     started: float
     explainer: Any = None
+
+    @property
+    def can_explain(self) -> bool:
+        """Grad-CAM needs PyTorch gradients: a run folder or model.pt (a routed run too), not an ONNX file."""
+        return self.backend.startswith("pytorch")
 
     @property
     def classes(self) -> list[str]:
@@ -378,7 +383,7 @@ def create_app(
             review=ReviewInfo(description=p.describe_review(), policy=svc.policy.to_dict()),
             training_data=run.read_json("data.json") if run is not None and run.data.is_file() else None,
             held_out=_held_out(run),
-            explain=svc.backend == "pytorch",
+            explain=svc.can_explain,
             limits=svc.limits.to_dict(),
         )
 
@@ -424,15 +429,18 @@ def create_app(
     )
     async def explain(request: Request, target: str | None = Query(None, description="Class to explain (default: the predicted one).")) -> Response:
         """Grad-CAM heat map over one image: where the network looked for the predicted (or given) class."""
-        if svc.backend != "pytorch":
-            raise UploadError(400, "Grad-CAM is not available for ONNX models or routed runs; serve a run folder or "
-                                   "one network's model.pt (PyTorch) to explain predictions")
+        if not svc.can_explain:
+            raise UploadError(400, "Grad-CAM is not available for ONNX models; serve the run folder or its model.pt "
+                                   "(PyTorch) to explain predictions")
         if target is not None and target not in svc.classes:
             raise UploadError(422, f"unknown target class {target!r}; the model's classes are {svc.classes}")
         uploads = await read_uploads(request.headers, request.stream(), svc.limits, max_files=1)
         (image,) = await run_in_threadpool(svc.decode_all, uploads)
-        png, label, conf = await svc.batcher.call(lambda: _explain(svc, image, target))
-        return Response(png, media_type="image/png", headers={"X-Leuko-Label": label, "X-Leuko-Confidence": f"{conf:.4f}"})
+        png, label, conf, network = await svc.batcher.call(lambda: _explain(svc, image, target))
+        headers = {"X-Leuko-Label": label, "X-Leuko-Confidence": f"{conf:.4f}"}
+        if network:
+            headers["X-Leuko-Network"] = network
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -442,14 +450,15 @@ def create_app(
     return app
 
 
-def _explain(svc: Service, image: np.ndarray, target: str | None) -> tuple[bytes, str, float]:
-    """Grad-CAM on the inference thread: its hooks must see only this forward pass, never a batch's."""
-    from leuko.explain.gradcam import GradCAM, explanation_png
+def _explain(svc: Service, image: np.ndarray, target: str | None) -> tuple[bytes, str, float, str]:
+    """Grad-CAM on the inference thread: its hooks must see only this forward pass, never a batch's.
+    A routed run's map is the answering network's, named in the last item ("" for one network)."""
+    from leuko.explain.gradcam import explainer_for, explanation_png
 
     if svc.explainer is None:
-        svc.explainer = GradCAM(svc.predictor)
+        svc.explainer = explainer_for(svc.predictor)
     exp = svc.explainer.explain_array(image, target=target)
-    return explanation_png(exp), exp.class_name, exp.probability
+    return explanation_png(exp), exp.class_name, exp.probability, exp.network
 
 
 def _version() -> str:

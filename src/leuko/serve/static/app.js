@@ -435,7 +435,8 @@ async function explainSelected() {
     if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
     img.src = URL.createObjectURL(blob);
     img.hidden = false;
-    $("cam-status").textContent = `Grad-CAM for ${cell.label}: warm colours = regions that raised this class`;
+    const network = r.headers.get("X-Leuko-Network");
+    $("cam-status").textContent = `Grad-CAM for ${cell.label}${network ? ` (${network} network)` : ""}: warm colours = regions that raised this class`;
   } catch (e) {
     $("cam-status").textContent = `Grad-CAM failed: ${e.message}`;
   }
