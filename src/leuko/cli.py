@@ -448,6 +448,8 @@ def evaluate_cmd(
         _print_magnification(route.get("magnification"))
     for note in m["class_map"]["notes"]:
         console.print(f"[dim]class map: {note}[/]")
+    for note in m.get("notes") or []:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     for path, reason in m["data"]["failed"]:
         console.print(f"[yellow]unreadable:[/] {path}: {reason}")
     _print_cell_crop(m["data"].get("cell_crop"))

@@ -94,6 +94,28 @@ def test_never_predicted_class_is_noted() -> None:
     assert m["ci95"] is None
 
 
+def test_a_class_of_two_images_is_named_with_its_weight_in_macro_f1() -> None:
+    """BCCD's case: 2 basophils among hundreds; one more right moves macro-F1 by what the note says."""
+    y = np.array([0] * 20 + [1] * 15 + [2] * 2)
+    pred = y.copy()
+    pred[:3] = 1  # three a called b
+    pred[20] = 2  # one b called c (a false positive of the small class)
+    pred[35:] = 0  # neither c right
+    m = compute_metrics(y, one_hotish(pred, 3), NAMES, n_bootstrap=0)
+    small = m["small_classes"]
+    assert small["classes"] == {"c": 2} and small["common_classes"] == ["a", "b"]
+    assert small["macro_f1_common"] == pytest.approx(skm.f1_score(y, pred, labels=[0, 1], average="macro"))
+    better = pred.copy()
+    better[35] = 2  # one more c right
+    own = skm.f1_score(y, better, labels=[2], average="macro") - skm.f1_score(y, pred, labels=[2], average="macro")
+    assert small["one_more_right"]["c"] == pytest.approx(own / 3) and own / 3 > 0.1
+    gain = skm.f1_score(y, better, average="macro") - skm.f1_score(y, pred, average="macro")
+    assert gain >= own / 3  # the image it takes from another class's errors only adds
+    assert any(n.startswith("few images: 'c' (2 images); each counts 1/3 of macro-F1") for n in m["notes"])
+    assert "small_classes" not in compute_metrics(Y_HAND, one_hotish(PRED_HAND, 3), NAMES, n_bootstrap=0)
+    json.dumps(m, allow_nan=False)  # metrics.json stays strict JSON
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_agrees_with_sklearn(seed: int) -> None:
     y, p = synthetic(seed=seed)
