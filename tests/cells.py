@@ -65,3 +65,18 @@ TINY_RUN = [
 ]
 """Overrides for the inference tests' trained run: a custom_cnn at 32 px, head fitted on frozen features (seconds),
 with CLAHE and ``pad`` resizing so exported metadata carries non-default preprocessing."""
+
+
+def train_tiny(infer_base: Path, name: str, overrides: list[str]) -> Path:
+    """``infer_base/name``: a run on ``infer_base/cells`` (the inference tests' ``tiny_run`` cells) with these
+    overrides, trained unless it is there already (once per session)."""
+    import pytest
+
+    from leuko.train import train
+
+    run = infer_base / name
+    if not run.exists():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LEUKO_CACHE_DIR", str(infer_base / "cache"))
+            train(None, run, overrides=overrides, data_path=infer_base / "cells", echo=lambda s: None)
+    return run

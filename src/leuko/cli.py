@@ -684,6 +684,20 @@ def route_cmd(
     console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out})", highlight=False)
 
 
+@app.command("ensemble")
+def ensemble_cmd(
+    runs: List[Path] = typer.Argument(..., help="Two or more runs of one recipe, lab and split (e.g. seeds 0, 1, 2); the first one's split and record are kept."),
+    out: Path = typer.Option(..., "--out", "-o", help="The ensemble run folder to create (must not exist)."),
+) -> None:
+    """One network from several runs: their calibrated logits averaged, recalibrated on the validation split."""
+    from leuko.train.ensemble import build_ensemble_run
+
+    res = build_ensemble_run(runs, out, echo=console.print)
+    console.print("validation accuracy: " + ", ".join(f"{k} {v:.2%}" for k, v in res.val_accuracy.items())
+                  + f"; ensemble temperature {res.temperature:.3f}", highlight=False)
+    console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out})", highlight=False)
+
+
 # ------------------------------------------------------------------ serve
 @app.command("serve")
 def serve_cmd(

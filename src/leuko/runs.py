@@ -36,6 +36,8 @@ MODEL_FORMAT = 1
 ROUTE_FILE = "route.json"
 """Marks a routed run (:mod:`leuko.infer.route`): ``model.pt`` is its robust network, ``home.pt`` its home network."""
 HOME_FILE = "home.pt"
+ENSEMBLE_FILE = "ensemble.json"
+"""Marks an ensemble run (:mod:`leuko.train.ensemble`): its members, how each and the ensemble score on validation."""
 RECORD_FILES: tuple[str, ...] = ("config.yaml", "classes.json", "split.json", "data.json", "metrics.csv", "summary.json", "leakage.json")
 """The run's record (training history and data description) that a run derived from it (adapted, routed) keeps."""
 
@@ -179,6 +181,7 @@ def read_model_meta(path: Path) -> dict[str, Any]:
 def load_model(path: str | Path) -> tuple["torch.nn.Module", dict[str, Any]]:
     """Rebuild the network of a run (``RUN_DIR`` or its ``model.pt``) in eval mode, with its metadata."""
     from leuko.models import build_model
+    from leuko.models.ensemble import build_ensemble, is_ensemble_spec
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -190,7 +193,7 @@ def load_model(path: str | Path) -> tuple["torch.nn.Module", dict[str, Any]]:
         p = RunFolder(p).model
     payload = read_model_meta(p)
     spec = payload["model"]
-    model = build_model(
+    model = build_ensemble(spec, len(payload["classes"])) if is_ensemble_spec(spec) else build_model(
         spec["name"],
         num_classes=len(payload["classes"]),
         pretrained="none",

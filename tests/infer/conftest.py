@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cells import TINY_CLASSES, TINY_RUN, make_cell
+from cells import TINY_CLASSES, TINY_RUN, make_cell, train_tiny
 
 CLASSES = list(TINY_CLASSES)
 
@@ -26,17 +26,11 @@ def infer_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(infer_base: Path) -> Path:
     """A trained run folder (3 classes x 40 synthetic cells; temperature fitted on 12 validation images)."""
-    from leuko.train import train
-
     data = infer_base / "cells"
     for ci, cls in enumerate(CLASSES):
         for i in range(40):
             make_cell(data / cls / f"{i}.png", size=(48, 40), seed=1000 * ci + i, hue=70 * ci)
-    run = infer_base / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LEUKO_CACHE_DIR", str(infer_base / "cache"))
-        train(None, run, overrides=TINY_RUN, data_path=data, echo=lambda s: None)
-    return run
+    return train_tiny(infer_base, "run", TINY_RUN)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cells import TINY_CLASSES, TINY_RUN, make_cell
+from cells import TINY_CLASSES, TINY_RUN, make_cell, train_tiny
 from leuko.errors import LeukoError
 from leuko.infer import Predictor, load_predictor
 from leuko.infer.route import RoutedPredictor, SmearGate, lab_magnification
@@ -21,15 +21,8 @@ OTHER_LAB = (200, 212, 238)  # a bluish smear: another lab's stain and camera
 @pytest.fixture(scope="module")
 def home_run(infer_base: Path, tiny_run: Path) -> Path:
     """A second run on tiny_run's cells and split: another size and no CLAHE, so its answers differ."""
-    from leuko.train import train
-
-    run = infer_base / "home"
-    if not run.exists():
-        overrides = [o for o in TINY_RUN if not o.startswith(("data.image_size", "data.preprocess"))]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LEUKO_CACHE_DIR", str(infer_base / "cache"))
-            train(None, run, overrides=[*overrides, "data.image_size=40"], data_path=infer_base / "cells", echo=lambda s: None)
-    return run
+    overrides = [o for o in TINY_RUN if not o.startswith(("data.image_size", "data.preprocess"))]
+    return train_tiny(infer_base, "home", [*overrides, "data.image_size=40"])
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +173,6 @@ def test_one_network_commands_name_the_routed_runs_members(routed: Path, tmp_pat
 
 def test_build_route_refuses_what_would_mislead(routed: Path, home_run: Path, tiny_run: Path, infer_base: Path,
                                                tmp_path: Path) -> None:
-    from leuko.train import train
     from leuko.train.route import build_route
 
     with pytest.raises(LeukoError, match="already exists"):
@@ -191,12 +183,7 @@ def test_build_route_refuses_what_would_mislead(routed: Path, home_run: Path, ti
         build_route(tiny_run, tiny_run, tmp_path / "r0", echo=lambda s: None)
     with pytest.raises(LeukoError, match="run folder not found"):
         build_route(tmp_path / "nowhere", tiny_run, tmp_path / "r2", echo=lambda s: None)
-    other_split = infer_base / "home-seed5"
-    if not other_split.exists():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LEUKO_CACHE_DIR", str(infer_base / "cache"))
-            train(None, other_split, overrides=[*TINY_RUN, "data.split_seed=5"], data_path=infer_base / "cells",
-                  echo=lambda s: None)
+    other_split = train_tiny(infer_base, "home-seed5", [*TINY_RUN, "data.split_seed=5"])
     with pytest.raises(LeukoError, match="held-out images"):
         build_route(other_split, tiny_run, tmp_path / "r3", echo=lambda s: None)
     assert not (tmp_path / "r3").exists()

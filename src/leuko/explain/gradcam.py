@@ -26,6 +26,9 @@ Design choices, and why:
 * **Exactly the Predictor's preprocessing.** The input is made by
   ``predictor.transform()`` (resize, centre crop, CLAHE, normalisation), so the
   probabilities shown next to a heat map are the ones ``leuko predict`` gives.
+* **An ensemble's map is its members' maps summed** (before the ReLU): its
+  output is the mean of their scaled logits, so each member's evidence adds
+  to the class score, and a map from one member would show a part of it.
 * **A routed run explains with the network that answers.** Its two networks
   (:mod:`leuko.infer.route`) see different inputs and use different evidence;
   a map from the other one would explain a prediction nobody made.
@@ -296,11 +299,12 @@ class GradCAM:
         self.classes: list[str] = list(predictor.classes)
         self.transform = predictor.transform()
         self.device = torch.device(predictor.device)
-        self.layer = layer or find_target_layer(self.model, predictor.image_size, device=self.device)
+        self.layers = _target_layers(self.model, predictor.image_size, layer, self.device)
+        self.layer = _describe_layers(self.layers)
         try:
-            self._module = self.model.get_submodule(self.layer)
+            self._modules = [self.model.get_submodule(name) for name in self.layers]
         except AttributeError:
-            raise LeukoError(f"the model has no module {self.layer!r}") from None
+            raise LeukoError(f"the model has no module {layer!r}") from None
         self._lock = threading.Lock()
 
     def class_index(self, target: int | str | None) -> int | None:
@@ -347,26 +351,37 @@ class GradCAM:
     def _explain(self, image: np.ndarray, target: int | str | None) -> Explanation:
         wanted = self.class_index(target)
         x, box = self._model_input(image)
-        activation, grad, logits = self._forward_backward(x, wanted)
-        weights = grad.mean(dim=(1, 2))  # alpha_k: global-average-pooled gradients
-        grid = torch.relu((weights[:, None, None] * activation).sum(0)).cpu().numpy()
+        maps, logits = self._forward_backward(x, wanted)
+        size = max((a.shape[-2:] for a, _ in maps), key=lambda hw: hw[0] * hw[1])
+        total = torch.zeros(size, dtype=torch.float32, device=maps[0][0].device)
+        for activation, grad in maps:  # one per network: an ensemble's members add their evidence
+            weights = grad.mean(dim=(1, 2))  # alpha_k: global-average-pooled gradients
+            term = (weights[:, None, None] * activation).sum(0)
+            if term.shape != total.shape:
+                term = torch.nn.functional.interpolate(term[None, None], size=tuple(size), mode="bilinear",
+                                                       align_corners=False)[0, 0]
+            total = total + term
+        grid = torch.relu(total).cpu().numpy()
         probs = softmax(logits, self.predictor.temperature)
         cls = int(np.argmax(probs)) if wanted is None else wanted
         cam = cam_to_image(grid, image.shape[0], image.shape[1], box)
         return Explanation(cam=cam, class_index=cls, probs=probs, classes=self.classes, image=image, layer=self.layer)
 
-    def _forward_backward(self, x: torch.Tensor, target: int | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """``(A, dy_c/dA, logits)`` for one preprocessed image, without touching the model's state."""
-        captured: dict[str, torch.Tensor] = {}
+    def _forward_backward(self, x: torch.Tensor, target: int | None
+                          ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], np.ndarray]:
+        """``([(A, dy_c/dA) per hooked layer], logits)`` for one preprocessed image, without touching the model's state."""
+        captured: dict[int, torch.Tensor] = {}
 
-        def hook(_m: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-            captured["a"] = output
-            # Later in-place ops (ReLU(inplace=True), x += shortcut) must not rewrite
-            # the tensor we differentiate against: hand the rest of the net a copy.
-            return output.clone()
+        def make_hook(i: int) -> Any:
+            def hook(_m: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+                captured[i] = output
+                # Later in-place ops (ReLU(inplace=True), x += shortcut) must not rewrite
+                # the tensor we differentiate against: hand the rest of the net a copy.
+                return output.clone()
+            return hook
 
         with self._lock:
-            handle = self._module.register_forward_hook(hook)
+            handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(self._modules)]
             was_training = self.model.training
             try:
                 self.model.eval()
@@ -374,14 +389,37 @@ class GradCAM:
                     inp = x.unsqueeze(0).to(self.device).contiguous(memory_format=torch.channels_last)
                     inp.requires_grad_(True)  # reaches A even when every weight is frozen
                     logits = self.model(inp)
-                    if "a" not in captured:
-                        raise LeukoError(f"layer {self.layer!r} was not used by the model's forward pass")
+                    missing = [self.layers[i] for i in range(len(self._modules)) if i not in captured]
+                    if missing:
+                        raise LeukoError(f"layer {missing[0]!r} was not used by the model's forward pass")
                     index = int(logits[0].argmax()) if target is None else target
-                    (grad,) = torch.autograd.grad(logits[0, index], captured["a"])
+                    acts = [captured[i] for i in range(len(self._modules))]
+                    grads = torch.autograd.grad(logits[0, index], acts)
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
                 self.model.train(was_training)
-        return captured["a"][0].detach().float(), grad[0].float(), logits[0].detach().float().cpu().numpy()
+        maps = [(a[0].detach().float(), g[0].float()) for a, g in zip(acts, grads)]
+        return maps, logits[0].detach().float().cpu().numpy()
+
+
+def _target_layers(model: nn.Module, image_size: int, layer: str | None, device: torch.device) -> list[str]:
+    """The module(s) to take the map from: ``layer``, or :func:`find_target_layer`'s choice; for an
+    :class:`~leuko.models.ensemble.Ensemble`, that layer in every member."""
+    from leuko.models.ensemble import Ensemble
+
+    if isinstance(model, Ensemble):
+        return [f"members.{i}.{layer or find_target_layer(m, image_size, device=device)}"
+                for i, m in enumerate(model.members)]
+    return [layer or find_target_layer(model, image_size, device=device)]
+
+
+def _describe_layers(layers: list[str]) -> str:
+    """``bn2``; ``members.*.bn2`` for an ensemble whose members share the layer name."""
+    if len(layers) == 1:
+        return layers[0]
+    tails = {name.split(".", 2)[2] for name in layers}
+    return f"members.*.{tails.pop()}" if len(tails) == 1 else "; ".join(layers)
 
 
 class RoutedGradCAM:

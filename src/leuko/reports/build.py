@@ -39,7 +39,7 @@ import pandas as pd
 from leuko.errors import LeukoError
 from leuko.reports.content import Cell, Code, Figure, Report, Section, Table, Text, fmt, metric_cell
 from leuko.reports.render import render_html, render_markdown
-from leuko.runs import ROUTE_FILE, RunFolder
+from leuko.runs import ENSEMBLE_FILE, ROUTE_FILE, RunFolder
 
 Echo = Callable[[str], None]
 
@@ -168,7 +168,12 @@ def _split_key(key: str) -> tuple[Path, tuple[int, int, int, int] | None]:
 
 
 def _model_name(meta: dict[str, Any]) -> str:
+    """``efficientnet_lite0 (head linear, weights bundled)``; an ensemble lists its members' (``2 x ...``)."""
     spec = meta.get("model", {})
+    members = spec.get("members")
+    if members:
+        names = [_model_name({"model": m}) for m in members]
+        return f"ensemble of {len(names)}: " + ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
     return f"{spec.get('name')} (head {spec.get('head')}, weights {spec.get('pretrained')})"
 
 
@@ -298,8 +303,12 @@ def _model(predictor: Any, explainer: Any, run: RunFolder, ev: Evaluation) -> Se
 
 def _network_blocks(meta: dict[str, Any], layer: str) -> list[Any]:
     spec, inp = meta.get("model", {}), meta.get("input", {})
+    ensemble = meta.get("ensemble") or {}
     rows: list[tuple[str, Any]] = [
-        ("architecture", spec.get("name")),
+        ("architecture", _model_name(meta) if spec.get("members") else spec.get("name")),
+        *([("member runs", ", ".join(ensemble["members"]))] if ensemble.get("members") else []),
+        *([("member temperatures", ", ".join(f"{t:.3f}" for t in ensemble["member_temperatures"]))]
+          if ensemble.get("member_temperatures") else []),
         ("head", spec.get("head")),
         ("dropout", spec.get("dropout")),
         ("initial weights", spec.get("pretrained")),
@@ -325,6 +334,10 @@ def _training(run: RunFolder, ev: Evaluation, fig_dir: Path) -> Section:
     if (run.path / ROUTE_FILE).is_file():
         home = run.read_json(ROUTE_FILE).get("home_run")
         blocks.append(Text(f"The training record of the robust network; the home network's is in its own run folder ({home}).", "note"))
+    if (run.path / ENSEMBLE_FILE).is_file():
+        members = run.read_json(ENSEMBLE_FILE).get("members") or []
+        blocks.append(Text(f"An ensemble: the training record of its first member ({members[0] if members else 'n/a'}); "
+                           "the others' are in their own run folders. The calibration below is the ensemble's.", "note"))
     if run.summary.is_file():
         s = run.read_json("summary.json")
         wall = s.get("wall_time_s")

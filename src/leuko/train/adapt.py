@@ -65,6 +65,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
+from leuko.models.ensemble import is_ensemble_spec
 from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, load_model, save_model
 
 ADAPT_METHODS: tuple[str, ...] = ("adabn", "self-train")
@@ -439,14 +440,20 @@ def adapt_run(
         raise LeukoError(f"{target} already exists; choose a new --out (an adapted run never overwrites a folder)")
     if target.resolve() == run.path.resolve():
         raise LeukoError("--out must be a new folder, not the run being adapted")
+    routed = (run.path / ROUTE_FILE).is_file()  # adapt its robust network; the home network and the gate stay
+    model, meta = load_model(run.model if routed else run.path)
+    if is_ensemble_spec(meta["model"]):
+        members = (meta.get("ensemble") or {}).get("members") or []
+        raise LeukoError(
+            f"{'the robust network of ' if routed else ''}{run.path} is an ensemble: adapt each member run"
+            + (f" ({', '.join(members)})" if members else "") + ", then leuko ensemble the adapted runs"
+            + (" and leuko route again" if routed else ""))
     samples = collect_samples(data, layout, layout_options)
     if max_images is not None and len(samples) > max_images:
         rng = np.random.default_rng(seed)
         samples = [samples[i] for i in sorted(rng.choice(len(samples), max_images, replace=False))]
     if len(samples) < MIN_IMAGES:
         raise LeukoError(f"adaptation needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
-    routed = (run.path / ROUTE_FILE).is_file()  # adapt its robust network; the home network and the gate stay
-    model, meta = load_model(run.model if routed else run.path)
     model.to(dev)
     from leuko.train.config import load_config
 

@@ -1,0 +1,168 @@
+"""``leuko ensemble RUN RUN [RUN...] --out RUN``: trained runs of one lab and split averaged into one network.
+
+Deep ensembles (Lakshminarayanan et al., 2017) are the most reliable way known
+to buy accuracy and calibration under a change of lab (Ovadia et al., 2019):
+networks that differ only in their seed make different mistakes on images
+unlike their training data. The price is inference time (one forward pass
+per member) and a CPU training run per member.
+
+The ensemble run is the first member's record (configuration, split, data
+description, training history) with an :class:`~leuko.models.ensemble.Ensemble`
+in ``model.pt`` whose temperature and review thresholds are fitted on that
+split's validation images, and ``ensemble.json`` naming the members and
+their validation accuracies. Its held-out split is the first member's, so no
+member may have trained on it or chosen a checkpoint with it, and none may
+have trained on the validation images that calibrate the ensemble.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from leuko.errors import LeukoError
+from leuko.models.ensemble import ENSEMBLE, Ensemble, is_ensemble_spec
+from leuko.runs import ENSEMBLE_FILE, RunFolder, load_model, read_model_meta, save_model
+
+__all__ = ["EnsembleResult", "build_ensemble_run"]
+
+INPUT_KEYS = ("image_size", "resize", "preprocess", "mean", "std")
+"""What must agree for one input tensor to feed every member."""
+
+
+@dataclass
+class EnsembleResult:
+    """What :func:`build_ensemble_run` wrote and how the members and the ensemble score on validation."""
+
+    out: Path
+    val_accuracy: dict[str, float]
+    temperature: float
+
+
+def _member(path: str | Path) -> RunFolder:
+    from leuko.infer.route import is_routed
+
+    run = RunFolder.open(path)
+    if is_routed(run.path):
+        raise LeukoError(f"{run.path} is a routed run; ensemble single-network runs (and route the ensemble after)")
+    if not run.model.is_file():
+        raise LeukoError(f"{run.path} has no model.pt (has its training finished?)")
+    if is_ensemble_spec(read_model_meta(run.model).get("model", {})):
+        raise LeukoError(f"{run.path} is already an ensemble; give its member runs instead")
+    return run
+
+
+def _leaks(member: RunFolder, data: Any) -> tuple[list[str], list[str]]:
+    """Keys of the ensemble's test images ``member`` trained or validated on, and of its validation images it
+    trained on (split files record keys relative to the dataset root)."""
+    seen = member.read_json("split.json").get("assignments", {}) if member.split.is_file() else {}
+    root = data.index.root
+    test = [s.key for s in data.test if seen.get(s.relkey(root)) in ("train", "val")]
+    val = [s.key for s in data.val if seen.get(s.relkey(root)) == "train"]
+    return test, val
+
+
+def build_ensemble_run(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    echo: Callable[[str], None] = print,
+) -> EnsembleResult:
+    """Write an ensemble run of ``runs`` to ``out`` (built beside it and renamed into place when complete).
+
+    Raises:
+        LeukoError: fewer than two runs, a run twice, a missing, unfinished,
+            routed or ensemble run, different classes or inputs, a member that
+            trained on the first run's held-out or validation images, ``out``
+            exists, the dataset cannot be read.
+    """
+    from leuko.infer.predictor import batched_logits
+    from leuko.train.config import load_config
+    from leuko.train.data import prepare_data
+    from leuko.train.runner import calibrate
+
+    if len(runs) < 2:
+        raise LeukoError(f"an ensemble needs at least two runs; got {len(runs)}")
+    members = [_member(r) for r in runs]
+    resolved = [m.path.resolve() for m in members]
+    if len(set(resolved)) != len(resolved):
+        raise LeukoError("a run is given twice; give each member run once")
+    target = Path(out).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise LeukoError(f"{target} already exists; choose a new --out (an ensemble never overwrites a folder)")
+    first = members[0]
+    metas = [read_model_meta(m.model) for m in members]
+    for m, meta in zip(members[1:], metas[1:]):
+        if meta["classes"] != metas[0]["classes"]:
+            raise LeukoError(f"{m.path.name} predicts {', '.join(meta['classes'])}, {first.path.name} "
+                             f"{', '.join(metas[0]['classes'])}; ensemble runs trained on the same classes")
+        differ = [k for k in INPUT_KEYS if meta["input"].get(k) != metas[0]["input"].get(k)]
+        if differ:
+            raise LeukoError(f"{m.path.name} reads images differently from {first.path.name} ({', '.join(differ)}: "
+                             f"{meta['input'].get(differ[0])} vs {metas[0]['input'].get(differ[0])}); "
+                             "one input feeds every member, so ensemble runs of one recipe")
+    cfg = load_config(first.config)
+    data = prepare_data(cfg.data, seed=cfg.train.seed, split_file=first.split)
+    for m in members[1:]:
+        test, val = _leaks(m, data)
+        if test or val:
+            where, keys = ("held-out", test) if test else ("validation", val)
+            raise LeukoError(f"{m.path.name} trained on {len(keys)} of {first.path.name}'s {where} images (e.g. {keys[0]}); "
+                             "ensemble runs trained on the same split (data.split, data.split_seed)")
+    if len(data.val) < 10:
+        raise LeukoError(f"{first.path.name}'s validation split has {len(data.val)} images; calibrating the ensemble needs 10")
+
+    loaded = [load_model(m.model) for m in members]
+    model = Ensemble([net for net, _ in loaded], [float(meta.get("temperature", 1.0)) for _, meta in loaded])
+    model.eval()
+    info = SimpleNamespace(mean=metas[0]["input"]["mean"], std=metas[0]["input"]["std"])
+    echo(f"calibrating the ensemble of {len(members)} on {len(data.val)} validation images of {first.path.name}")
+    calibration = calibrate(model, cfg, data, info)
+    assert calibration is not None  # at least 10 validation images, checked above
+    # Each member's validation accuracy beside the ensemble's, from the same images.
+    from leuko.train.data import run_transform
+
+    transform = run_transform(cfg.data, info, train=False)
+    c2i = {c: i for i, c in enumerate(data.classes)}
+    y = np.array([c2i[s.label] for s in data.val])
+    val_acc: dict[str, float] = {}
+    for m, (net, _) in zip(members, loaded):
+        logits = batched_logits(net, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
+        val_acc[m.path.name] = float((logits.argmax(1) == y).mean())
+    logits = batched_logits(model, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
+    val_acc["ensemble"] = float((logits.argmax(1) == y).mean())
+
+    spec = {
+        "name": ENSEMBLE,
+        "members": [dict(meta["model"]) for meta in metas],
+        "head": metas[0]["model"].get("head"),
+        "pretrained": ", ".join(sorted({str(meta["model"].get("pretrained")) for meta in metas})),
+    }
+    meta: dict[str, Any] = {k: v for k, v in metas[0].items() if k not in ("format", "state_dict", "adapted", "route")}
+    meta.update(model=spec, temperature=calibration["temperature"], review=calibration["review"])
+    meta["ensemble"] = {"members": [str(p) for p in resolved],
+                        "member_temperatures": [float(m.get("temperature", 1.0)) for m in metas]}
+
+    partial = target.parent / f".{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    new = RunFolder(partial)
+    first.copy_record(partial)
+    save_model(new.model, model, meta)
+    summary = new.read_json("summary.json") if new.summary.is_file() else {}
+    new.write_json("summary.json", {**summary, "calibration": calibration})  # the ensemble's, not the first member's
+    new.write_json(ENSEMBLE_FILE, {
+        "members": [str(p) for p in resolved],
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "validation": {"n": len(y), "accuracy": val_acc, "temperature": calibration["temperature"]},
+    })
+    if target.exists():
+        target.rmdir()  # empty (checked above)
+    partial.rename(target)
+    return EnsembleResult(target, val_acc, float(calibration["temperature"]))

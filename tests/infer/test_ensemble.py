@@ -1,0 +1,132 @@
+"""Ensemble runs: several runs of one recipe and split as one network (leuko.train.ensemble, leuko.models.ensemble)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cells import TINY_CLASSES, TINY_RUN, train_tiny
+from leuko.errors import LeukoError
+from leuko.infer import Predictor, load_predictor
+
+
+def _split_seed(run: Path) -> int:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    seed = cfg["data"].get("split_seed")
+    return int(cfg["train"]["seed"] if seed is None else seed)
+
+
+@pytest.fixture(scope="module")
+def seed_one(infer_base: Path, tiny_run: Path) -> Path:
+    """tiny_run's recipe and split with another training seed (another random backbone: other answers)."""
+    return train_tiny(infer_base, "seed1", [*TINY_RUN, "train.seed=1", f"data.split_seed={_split_seed(tiny_run)}"])
+
+
+@pytest.fixture(scope="module")
+def ensemble(infer_base: Path, tiny_run: Path, seed_one: Path) -> Path:
+    from leuko.train.ensemble import build_ensemble_run
+
+    out = infer_base / "ensemble"
+    if not out.exists():
+        build_ensemble_run([tiny_run, seed_one], out, echo=lambda s: None)
+    return out
+
+
+def test_the_ensemble_is_the_mean_of_its_members_calibrated_logits(ensemble: Path, tiny_run: Path, seed_one: Path,
+                                                                   new_images: Path) -> None:
+    paths = sorted(new_images.rglob("*.png")) + sorted(new_images.rglob("*.jpg"))
+    members = [Predictor(tiny_run), Predictor(seed_one)]
+    assert members[0].temperature != members[1].temperature  # each member's own scale is undone
+    got = load_predictor(ensemble).predict_paths(paths)
+    alone = [m.predict_paths(paths) for m in members]
+    expected = np.mean([a.logits / m.temperature for a, m in zip(alone, members)], axis=0)
+    np.testing.assert_allclose(got.logits, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(alone[0].probs, alone[1].probs, atol=1e-3)  # the members disagree: the mean is not a copy
+    meta = json.loads((ensemble / "ensemble.json").read_text())
+    assert meta["members"] == [str(tiny_run.resolve()), str(seed_one.resolve())]
+    assert set(meta["validation"]["accuracy"]) == {tiny_run.name, seed_one.name, "ensemble"}
+    ens = Predictor(ensemble)
+    assert ens.temperature == pytest.approx(meta["validation"]["temperature"]) and ens.meta["review"]
+    summary = json.loads((ensemble / "summary.json").read_text())
+    assert summary["calibration"]["temperature"] == pytest.approx(ens.temperature)  # the ensemble's, not a member's
+    for name in ("config.yaml", "split.json", "classes.json"):
+        assert (ensemble / name).read_bytes() == (tiny_run / name).read_bytes()
+
+
+def test_build_ensemble_refuses_what_would_mislead(ensemble: Path, tiny_run: Path, seed_one: Path, infer_base: Path,
+                                                   tmp_path: Path) -> None:
+    from leuko.train.ensemble import build_ensemble_run
+
+    def refused(runs: list[Path], match: str) -> None:
+        out = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(LeukoError, match=match):
+            build_ensemble_run(runs, out, echo=lambda s: None)
+        assert not out.exists()
+
+    refused([tiny_run], "at least two runs")
+    refused([tiny_run, tiny_run], "given twice")
+    refused([tiny_run, ensemble], "already an ensemble")
+    with pytest.raises(LeukoError, match="already exists"):
+        build_ensemble_run([tiny_run, seed_one], ensemble, echo=lambda s: None)
+    other_split = train_tiny(infer_base, "home-seed5", [*TINY_RUN, "data.split_seed=5"])
+    refused([tiny_run, other_split], "trained on .* held-out images")
+    bigger = train_tiny(infer_base, "size40", [*[o for o in TINY_RUN if not o.startswith("data.image_size")],
+                                               "data.image_size=40"])
+    refused([tiny_run, bigger], "reads images differently .*image_size: 40 vs 32")
+
+
+def test_every_consumer_of_a_model_takes_an_ensemble(ensemble: Path, tiny_run: Path, seed_one: Path, new_images: Path,
+                                                     tmp_path: Path) -> None:
+    from leuko.data.imageio import load_rgb
+    from leuko.explain import GradCAM
+    from leuko.explain.gradcam import cam_to_image, input_box
+    from leuko.infer import export_onnx
+    from leuko.train.adapt import adapt_run
+
+    paths = sorted(new_images.glob("*.png"))
+    onnx = export_onnx(ensemble, tmp_path / "ens.onnx").path  # one graph; export checks it against PyTorch
+    np.testing.assert_allclose(load_predictor(onnx).predict_paths(paths).probs,
+                               load_predictor(ensemble).predict_paths(paths).probs, atol=1e-4)
+    # Grad-CAM: the members' maps summed before the ReLU, each from its own layer
+    explainer = GradCAM(Predictor(ensemble))
+    assert explainer.layers[0].startswith("members.0.") and explainer.layers[1].startswith("members.1.")
+    rgb = np.asarray(load_rgb(paths[0]))
+    exp = explainer.explain_array(rgb, 1)
+    x, box = explainer._model_input(rgb)
+    maps, _ = explainer._forward_backward(x, 1)
+    alone = [GradCAM(Predictor(r)) for r in (tiny_run, seed_one)]
+    # each member's share of the ensemble's gradient is its own gradient / (2 T_i): the same map up to that scale
+    total = 0
+    for g, (a_ens, gr_ens) in zip(alone, maps):
+        (a, gr), = g._forward_backward(g._model_input(rgb)[0], 1)[0]
+        np.testing.assert_allclose(a_ens.numpy(), a.numpy(), atol=1e-5)
+        total = total + (gr.mean(dim=(1, 2))[:, None, None] * a).sum(0) / (2 * g.predictor.temperature)
+    grid = np.maximum(total.numpy(), 0.0)
+    np.testing.assert_allclose(exp.cam, cam_to_image(grid, rgb.shape[0], rgb.shape[1], box), atol=1e-4)
+    with pytest.raises(LeukoError, match="is an ensemble: adapt each member run .*then leuko ensemble"):
+        adapt_run(ensemble, new_images, tmp_path / "adapted", echo=lambda s: None)
+    assert not (tmp_path / "adapted").exists()
+    # the report names the members
+    from leuko.reports import write_report
+
+    shutil.copytree(ensemble, tmp_path / "ens")
+    text = write_report(tmp_path / "ens", echo=lambda s: None).html.read_text()
+    assert "ensemble of 2: 2 x custom_cnn" in text and str(seed_one.resolve()) in text
+    assert Predictor(ensemble).classes == list(TINY_CLASSES)
+
+
+def test_cli_ensemble(tiny_run: Path, seed_one: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_cli import call
+
+    out = tmp_path / "cli-ens"
+    assert call(["ensemble", str(tiny_run), str(seed_one), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "validation accuracy:" in text and "ensemble temperature" in text and (out / "model.pt").is_file()
+    assert call(["ensemble", str(tiny_run), "--out", str(tmp_path / "one")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: an ensemble needs at least two runs; got 1"
