@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from leuko.errors import LeukoError
 
@@ -146,6 +147,38 @@ class RunFolder:
 
     def class_names(self) -> list[str]:
         return list(self.read_json("classes.json"))
+
+
+def check_new_run(target: str | Path, what: str) -> Path:
+    """``target`` as a path, after checking it is new (absent, or an empty folder): a run derived from another
+    (``what``: "an adapted run", "a routed run", "an ensemble") never overwrites a folder."""
+    path = Path(target).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise LeukoError(f"{path} already exists; choose a new --out ({what} never overwrites a folder)")
+    return path
+
+
+@contextmanager
+def derived_run(target: Path, source: RunFolder) -> Iterator[RunFolder]:
+    """A new run folder with ``source``'s record (:data:`RECORD_FILES`), for the block to complete.
+
+    Built as ``.NAME.partial`` beside ``target`` and renamed into place when
+    the block ends, so an interrupted build leaves no folder that would pass
+    for a finished run (or block the next attempt); an error removes it.
+    ``target`` must have passed :func:`check_new_run`.
+    """
+    partial = target.parent / f".{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        source.copy_record(partial)
+        yield RunFolder(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rmdir()  # empty (check_new_run)
+    partial.rename(target)
 
 
 def save_model(path: Path, model: "torch.nn.Module", meta: dict[str, Any]) -> Path:

@@ -66,7 +66,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.models.ensemble import is_ensemble_spec
-from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, load_model, save_model
+from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, check_new_run, derived_run, load_model, save_model
 
 ADAPT_METHODS: tuple[str, ...] = ("adabn", "self-train")
 """Adaptation methods :func:`adapt_run` knows."""
@@ -435,9 +435,7 @@ def adapt_run(
         raise LeukoError(f"--keep must be a share in (0, 1]; got {keep}")
     dev = _device(device)
     run = RunFolder.open(run_dir)
-    target = Path(out).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise LeukoError(f"{target} already exists; choose a new --out (an adapted run never overwrites a folder)")
+    target = check_new_run(out, "an adapted run")
     if target.resolve() == run.path.resolve():
         raise LeukoError("--out must be a new folder, not the run being adapted")
     routed = (run.path / ROUTE_FILE).is_file()  # adapt its robust network; the home network and the gate stay
@@ -479,17 +477,15 @@ def adapt_run(
         review["chosen_on"] = f"{review.get('chosen_on', 'the validation split')} of the source lab, before adaptation"
         meta["review"] = review
     meta["adapted"] = adapted
-    target.mkdir(parents=True, exist_ok=True)
-    new = RunFolder(target)
-    run.copy_record(target)
-    save_model(new.model, model.cpu(), {k: v for k, v in meta.items() if k != "format"})
-    if routed:
-        shutil.copy2(run.path / HOME_FILE, target / HOME_FILE)
-        route = run.read_json(ROUTE_FILE)
-        route["adapted"] = f"the robust network, by {method} on {common['data']} ({common['date']})"
-        new.write_json(ROUTE_FILE, route)
     failed_list = sorted(failed.items())
-    new.write_json("adapt.json", {**adapted, "failed": failed_list})
+    with derived_run(target, run) as new:
+        save_model(new.model, model.cpu(), {k: v for k, v in meta.items() if k != "format"})
+        if routed:
+            shutil.copy2(run.path / HOME_FILE, new.path / HOME_FILE)
+            route = run.read_json(ROUTE_FILE)
+            route["adapted"] = f"the robust network, by {method} on {common['data']} ({common['date']})"
+            new.write_json(ROUTE_FILE, route)
+        new.write_json("adapt.json", {**adapted, "failed": failed_list})
     return AdaptResult(target, int(seen), n_layers, failed_list, adapted)
 
 

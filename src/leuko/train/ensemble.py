@@ -18,7 +18,6 @@ have trained on the validation images that calibrate the ensemble.
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +27,7 @@ import numpy as np
 
 from leuko.errors import LeukoError
 from leuko.models.ensemble import ENSEMBLE, Ensemble, is_ensemble_spec
-from leuko.runs import ENSEMBLE_FILE, RunFolder, load_model, read_model_meta, save_model
+from leuko.runs import ENSEMBLE_FILE, RunFolder, check_new_run, derived_run, load_model, read_model_meta, save_model
 
 __all__ = ["EnsembleResult", "build_ensemble_run"]
 
@@ -59,13 +58,13 @@ def _member(path: str | Path) -> RunFolder:
 
 
 def _leaks(member: RunFolder, data: Any) -> tuple[list[str], list[str]]:
-    """Keys of the ensemble's test images ``member`` trained or validated on, and of its validation images it
-    trained on (split files record keys relative to the dataset root)."""
+    """Keys of the ensemble's test images ``member`` trained or validated on (the distillation check), and of
+    its validation images it trained on (split files record keys relative to the dataset root)."""
+    from leuko.train.distill import heldout_seen_by
+
     seen = member.read_json("split.json").get("assignments", {}) if member.split.is_file() else {}
-    root = data.index.root
-    test = [s.key for s in data.test if seen.get(s.relkey(root)) in ("train", "val")]
-    val = [s.key for s in data.val if seen.get(s.relkey(root)) == "train"]
-    return test, val
+    val = [s.key for s in data.val if seen.get(s.relkey(data.index.root)) == "train"]
+    return heldout_seen_by(member, data), val
 
 
 def build_ensemble_run(
@@ -93,9 +92,7 @@ def build_ensemble_run(
     resolved = [m.path.resolve() for m in members]
     if len(set(resolved)) != len(resolved):
         raise LeukoError("a run is given twice; give each member run once")
-    target = Path(out).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise LeukoError(f"{target} already exists; choose a new --out (an ensemble never overwrites a folder)")
+    target = check_new_run(out, "an ensemble")
     first = members[0]
     metas = [read_model_meta(m.model) for m in members]
     for m, meta in zip(members[1:], metas[1:]):
@@ -149,20 +146,13 @@ def build_ensemble_run(
     meta["ensemble"] = {"members": [str(p) for p in resolved],
                         "member_temperatures": [float(m.get("temperature", 1.0)) for m in metas]}
 
-    partial = target.parent / f".{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    new = RunFolder(partial)
-    first.copy_record(partial)
-    save_model(new.model, model, meta)
-    summary = new.read_json("summary.json") if new.summary.is_file() else {}
-    new.write_json("summary.json", {**summary, "calibration": calibration})  # the ensemble's, not the first member's
-    new.write_json(ENSEMBLE_FILE, {
-        "members": [str(p) for p in resolved],
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "validation": {"n": len(y), "accuracy": val_acc, "temperature": calibration["temperature"]},
-    })
-    if target.exists():
-        target.rmdir()  # empty (checked above)
-    partial.rename(target)
+    with derived_run(target, first) as new:
+        save_model(new.model, model, meta)
+        summary = new.read_json("summary.json") if new.summary.is_file() else {}
+        new.write_json("summary.json", {**summary, "calibration": calibration})  # the ensemble's, not the first member's
+        new.write_json(ENSEMBLE_FILE, {
+            "members": [str(p) for p in resolved],
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "validation": {"n": len(y), "accuracy": val_acc, "temperature": calibration["temperature"]},
+        })
     return EnsembleResult(target, val_acc, float(calibration["temperature"]))

@@ -23,7 +23,7 @@ from leuko.evaluate.run import route_summary
 from leuko.infer.backends import sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
 from leuko.infer.route import RoutedPredictor, SmearGate, SmearView, is_routed
-from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, load_model, read_model_meta, save_model
+from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, check_new_run, derived_run, load_model, read_model_meta, save_model
 
 __all__ = ["RouteResult", "build_route"]
 
@@ -80,9 +80,7 @@ def build_route(
     home, robust = _finished(home_dir, "home"), _finished(robust_dir, "robust")
     if home.path.resolve() == robust.path.resolve():
         raise LeukoError(f"the home and the robust run are the same folder ({home.path}); route two different runs")
-    target = Path(out).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise LeukoError(f"{target} already exists; choose a new --out (a routed run never overwrites a folder)")
+    target = check_new_run(out, "a routed run")
     if not 0.5 <= quantile < 1.0:
         raise LeukoError(f"--quantile must be in [0.5, 1); got {quantile}")
     if home.class_names() != robust.class_names():
@@ -110,34 +108,24 @@ def build_route(
     home_meta = {k: v for k, v in read_model_meta(home.model).items() if k in ("model", "input", "temperature", "classes")}
     meta = {k: v for k, v in meta.items() if k != "format"}
     meta["route"] = {"gate": gate.to_dict(), "energy": bool(energy), "home": home_meta}
-    # Built beside the target and renamed into place when complete: an interrupted build leaves no folder
-    # that would pass for a finished routed run (or block the next attempt at --out).
-    partial = target.parent / f".{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    new = RunFolder(partial)
-    robust.copy_record(partial)
-    save_model(new.model, model, meta)
-    shutil.copy2(home.model, partial / HOME_FILE)
-
-    predictor = RoutedPredictor(partial)
-    pred = predictor.predict_samples(prepared.val)
-    label = {s.key: predictor.classes.index(s.label) for s in prepared.val}
-    correct = np.array([label[k] for k in pred.keys]) == pred.pred
-    summary = route_summary(pred.answered_by or [], correct)
-    val_acc: dict[str, float | None] = {name: summary[name]["accuracy"] for name in ("home", "robust")}
-    val_acc["routed"] = float(correct.mean()) if len(correct) else None
-    share = summary["home"]["share"]
-    new.write_json(ROUTE_FILE, {
-        "home_run": str(home.path.resolve()),
-        "robust_run": str(robust.path.resolve()),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "gate": gate.to_dict(),
-        "energy": bool(energy),
-        "validation": {"n": len(pred.keys), "home_share": share, "accuracy": val_acc},
-    })
-    if target.exists():
-        target.rmdir()  # empty (checked above)
-    partial.rename(target)
+    with derived_run(target, robust) as new:
+        save_model(new.model, model, meta)
+        shutil.copy2(home.model, new.path / HOME_FILE)
+        predictor = RoutedPredictor(new.path)
+        pred = predictor.predict_samples(prepared.val)
+        label = {s.key: predictor.classes.index(s.label) for s in prepared.val}
+        correct = np.array([label[k] for k in pred.keys]) == pred.pred
+        summary = route_summary(pred.answered_by or [], correct)
+        val_acc: dict[str, float | None] = {name: summary[name]["accuracy"] for name in ("home", "robust")}
+        val_acc["routed"] = float(correct.mean()) if len(correct) else None
+        share = summary["home"]["share"]
+        new.write_json(ROUTE_FILE, {
+            "home_run": str(home.path.resolve()),
+            "robust_run": str(robust.path.resolve()),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "gate": gate.to_dict(),
+            "energy": bool(energy),
+            "validation": {"n": len(pred.keys), "home_share": share, "accuracy": val_acc},
+        })
     return RouteResult(target, gate, share, val_acc)
 
