@@ -118,6 +118,7 @@ def test_every_consumer_of_a_model_takes_an_ensemble(ensemble: Path, tiny_run: P
     text = write_report(tmp_path / "ens", echo=lambda s: None).html.read_text()
     assert "ensemble of 2: 2 x custom_cnn" in text and str(seed_one.resolve()) in text
     assert Predictor(ensemble).classes == list(TINY_CLASSES)
+    assert Predictor(ensemble).describe().startswith("pytorch: ensemble of 2 (custom_cnn), 3 classes")
 
 
 def test_cli_ensemble(tiny_run: Path, seed_one: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

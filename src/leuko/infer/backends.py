@@ -377,8 +377,11 @@ class BasePredictor:
     def describe(self) -> str:
         """One line: backend, architecture, classes, input."""
         spec = self.meta.get("model") or {}
+        members = spec.get("members") or []
+        name = (f"ensemble of {len(members)} ({', '.join(dict.fromkeys(str(m.get('name')) for m in members))})"
+                if members else spec.get("name", "?"))
         return (
-            f"{self.backend}: {spec.get('name', '?')}, {len(self.classes)} classes, "
+            f"{self.backend}: {name}, {len(self.classes)} classes, "
             f"{self.image_size}px {self.input.get('resize', 'stretch')}, T={self.temperature:.3f}"
         )
 
