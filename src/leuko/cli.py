@@ -549,7 +549,7 @@ def explain_cmd(
 
 @app.command("report")
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder written by 'leuko train', 'leuko adapt' or 'leuko route'."),
+    run_dir: Path = typer.Argument(..., help="A run folder written by 'leuko train', 'adapt', 'route' or 'ensemble'."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset to evaluate on when the run has no evaluation yet (default: the run's own)."),
     layout: Optional[str] = LayoutOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN_DIR/report.html); a .md and a figures folder go beside it."),
@@ -693,7 +693,7 @@ def ensemble_cmd(
     from leuko.train.ensemble import build_ensemble_run
 
     res = build_ensemble_run(runs, out, echo=console.print)
-    console.print("validation accuracy: " + ", ".join(f"{k} {v:.2%}" for k, v in res.val_accuracy.items())
+    console.print("validation accuracy: " + ", ".join(f"{Path(k).name} {v:.2%}" for k, v in res.val_accuracy.items())
                   + f"; ensemble temperature {res.temperature:.3f}", highlight=False)
     console.print(f"[green]written:[/] {res.out}  (try: leuko evaluate {res.out})", highlight=False)
 

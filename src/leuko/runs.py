@@ -169,16 +169,19 @@ def derived_run(target: Path, source: RunFolder) -> Iterator[RunFolder]:
     """
     partial = target.parent / f".{target.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
+        partial.mkdir(parents=True)
         source.copy_record(partial)
         yield RunFolder(partial)
+        if target.exists():
+            target.rmdir()  # empty (check_new_run)
+        partial.rename(target)
+    except OSError as exc:  # a full disk, a read-only folder: one line, nothing half-written left behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise LeukoError(f"building {target} failed: {exc}") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if target.exists():
-        target.rmdir()  # empty (check_new_run)
-    partial.rename(target)
 
 
 def save_model(path: Path, model: "torch.nn.Module", meta: dict[str, Any]) -> Path:

@@ -49,7 +49,7 @@ def test_the_ensemble_is_the_mean_of_its_members_calibrated_logits(ensemble: Pat
     assert not np.allclose(alone[0].probs, alone[1].probs, atol=1e-3)  # the members disagree: the mean is not a copy
     meta = json.loads((ensemble / "ensemble.json").read_text())
     assert meta["members"] == [str(tiny_run.resolve()), str(seed_one.resolve())]
-    assert set(meta["validation"]["accuracy"]) == {tiny_run.name, seed_one.name, "ensemble"}
+    assert set(meta["validation"]["accuracy"]) == {str(tiny_run.resolve()), str(seed_one.resolve()), "ensemble"}
     ens = Predictor(ensemble)
     assert ens.temperature == pytest.approx(meta["validation"]["temperature"]) and ens.meta["review"]
     summary = json.loads((ensemble / "summary.json").read_text())
@@ -74,10 +74,40 @@ def test_build_ensemble_refuses_what_would_mislead(ensemble: Path, tiny_run: Pat
     with pytest.raises(LeukoError, match="already exists"):
         build_ensemble_run([tiny_run, seed_one], ensemble, echo=lambda s: None)
     other_split = train_tiny(infer_base, "home-seed5", [*TINY_RUN, "data.split_seed=5"])
-    refused([tiny_run, other_split], "trained on .* held-out images")
+    refused([tiny_run, other_split], "trained or validated on, or does not list, .* held-out or validation images")
     bigger = train_tiny(infer_base, "size40", [*[o for o in TINY_RUN if not o.startswith("data.image_size")],
                                                "data.image_size=40"])
     refused([tiny_run, bigger], "reads images differently .*image_size: 40 vs 32")
+    unlisted = tmp_path / "no-split"
+    shutil.copytree(seed_one, unlisted)
+    (unlisted / "split.json").unlink()
+    refused([tiny_run, unlisted], "has no split.json")
+
+
+def _as_adapted(run: Path, out: Path, adapted: dict) -> Path:
+    """A copy of ``run`` whose model.pt says it was adapted (what ``leuko adapt`` records)."""
+    from leuko.runs import load_model, save_model
+
+    shutil.copytree(run, out)
+    model, meta = load_model(out / "model.pt")
+    save_model(out / "model.pt", model, {**meta, "adapted": adapted})
+    return out
+
+
+def test_members_must_be_adapted_alike_and_the_ensemble_says_how(tiny_run: Path, seed_one: Path, tmp_path: Path) -> None:
+    from leuko.train.ensemble import build_ensemble_run
+
+    lab = {"method": "self-train", "data": "/labs/b", "layout": "folder", "date": "2026-11-25"}
+    a = _as_adapted(tiny_run, tmp_path / "a", lab)
+    b = _as_adapted(seed_one, tmp_path / "b", {**lab, "date": "2026-11-26"})
+    with pytest.raises(LeukoError, match="adapted differently .*a: self-train, /labs/b, folder; .*: not adapted"):
+        build_ensemble_run([a, seed_one], tmp_path / "mixed", echo=lambda s: None)
+    with pytest.raises(LeukoError, match="adapted differently"):
+        build_ensemble_run([a, _as_adapted(seed_one, tmp_path / "c", {**lab, "data": "/labs/c"})], tmp_path / "two-labs",
+                           echo=lambda s: None)
+    out = build_ensemble_run([a, b], tmp_path / "ens", echo=lambda s: None).out
+    adapted = Predictor(out).meta["adapted"]
+    assert (adapted["method"], adapted["data"]) == ("self-train", "/labs/b") and "each member" in adapted["members"]
 
 
 def test_every_consumer_of_a_model_takes_an_ensemble(ensemble: Path, tiny_run: Path, seed_one: Path, new_images: Path,
@@ -131,3 +161,30 @@ def test_cli_ensemble(tiny_run: Path, seed_one: Path, tmp_path: Path, capsys: py
     assert call(["ensemble", str(tiny_run), "--out", str(tmp_path / "one")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: an ensemble needs at least two runs; got 1"
+
+
+def test_a_derived_run_is_all_or_nothing(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """route, ensemble and adapt build into .NAME.partial: an error or a full disk leaves no folder behind."""
+    from leuko.runs import RunFolder, check_new_run, derived_run
+
+    target = check_new_run(tmp_path / "new", "a test run")
+    with pytest.raises(KeyboardInterrupt):
+        with derived_run(target, RunFolder(tiny_run)) as new:
+            assert (new.path / "config.yaml").is_file()  # the record is there while building
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "rename", full_disk)
+    with pytest.raises(LeukoError, match=r"^building .*new failed: .*No space left on device"):
+        with derived_run(target, RunFolder(tiny_run)) as new:
+            new.write_json("x.json", {})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    with derived_run(target, RunFolder(tiny_run)) as new:
+        new.write_json("x.json", {"ok": 1})
+    assert json.loads((target / "x.json").read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["new"]
+    with pytest.raises(LeukoError, match="already exists; choose a new --out \\(a test run never overwrites"):
+        check_new_run(target, "a test run")

@@ -281,13 +281,19 @@ def test_grad_cam_of_a_routed_run_is_the_answering_networks(routed: Path, home_r
     assert all(r.png.is_file() for r in res.images)
 
 
-def test_report_of_a_routed_run(routed: Path, home_run: Path, tmp_path: Path) -> None:
+def test_report_of_a_routed_run(routed: Path, home_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pandas as pd
 
+    from leuko.explain import RoutedGradCAM
     from leuko.reports import write_report
 
     shutil.copytree(routed, tmp_path / "routed")  # the report evaluates into the run folder
     run = tmp_path / "routed"
+
+    def no_routing(*args: object) -> str:
+        raise AssertionError("the report must explain with the network the evaluation recorded, not route again")
+
+    monkeypatch.setattr(RoutedGradCAM, "answering", no_routing)
     files = write_report(run, echo=lambda s: None)
     text = files.html.read_text()
     preds = pd.read_csv(run / "eval" / "test" / "predictions.csv")

@@ -452,7 +452,9 @@ class RoutedGradCAM:
         return self.networks["robust"].class_index(target)
 
     def answering(self, rgb: np.ndarray) -> str:
-        """The network that answers ``rgb`` (``"home"`` or ``"robust"``), as ``leuko predict`` decides it."""
+        """The network that answers ``rgb`` (``"home"`` or ``"robust"``), as the routed predictor decides it for
+        these pixels (``leuko predict`` decodes JPEG files at a reduced draft size first, so an image on the
+        gate's edge may go the other way there)."""
         pred = self.predictor.predict_arrays([_check_rgb(rgb)], ["image"])
         if not pred.answered_by:
             why = pred.failed[0][1] if pred.failed else "no prediction"

@@ -92,6 +92,8 @@ def load_or_evaluate(
         metrics_file.is_file()
         and preds_file.is_file()
         and (not run.model.is_file() or metrics_file.stat().st_mtime >= run.model.stat().st_mtime)
+        # a routed run's evaluation must say which network answered each image (older ones did not)
+        and (not (run.path / ROUTE_FILE).is_file() or "answered_by" in _csv_header(preds_file))
     )
     if fresh:
         echo(f"reusing the evaluation in {out_dir}")
@@ -110,6 +112,14 @@ def load_or_evaluate(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.readline().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 def _figure(ev: Evaluation, fig_dir: Path, name: str, plot: Callable[[Path], Path], *, inputs: tuple[Path, ...] = ()) -> Path:
@@ -484,7 +494,11 @@ def _gradcams(ev: Evaluation, explainer: Any, fig_dir: Path, echo: Echo) -> Sect
         "named above the map. A network that looks at the background or the image border rather than the cell "
         "has learned a shortcut.")]
     missing: list[str] = []
-    routed = "answered_by" in frame.columns  # a routed run: each map from the network that answered the image
+    from leuko.explain.gradcam import RoutedGradCAM
+
+    # A routed run: each map from the network that answered the image in the evaluation (load_or_evaluate
+    # re-evaluates a routed run whose predictions.csv does not say).
+    routed = isinstance(explainer, RoutedGradCAM) and "answered_by" in frame.columns
     if routed:
         blocks.append(Text("A routed run: each image's maps come from the network that answered it (named in its title)."))
 

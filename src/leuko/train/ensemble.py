@@ -27,7 +27,7 @@ import numpy as np
 
 from leuko.errors import LeukoError
 from leuko.models.ensemble import ENSEMBLE, Ensemble, is_ensemble_spec
-from leuko.runs import ENSEMBLE_FILE, RunFolder, check_new_run, derived_run, load_model, read_model_meta, save_model
+from leuko.runs import ENSEMBLE_FILE, RunFolder, check_new_run, derived_run, load_model, save_model
 
 __all__ = ["EnsembleResult", "build_ensemble_run"]
 
@@ -37,14 +37,16 @@ INPUT_KEYS = ("image_size", "resize", "preprocess", "mean", "std")
 
 @dataclass
 class EnsembleResult:
-    """What :func:`build_ensemble_run` wrote and how the members and the ensemble score on validation."""
+    """What :func:`build_ensemble_run` wrote and how the members (by resolved path) and the ensemble score on
+    validation."""
 
     out: Path
     val_accuracy: dict[str, float]
     temperature: float
 
 
-def _member(path: str | Path) -> RunFolder:
+def _member(path: str | Path) -> tuple[RunFolder, Any, dict[str, Any]]:
+    """A finished single-network run: its folder, network and metadata."""
     from leuko.infer.route import is_routed
 
     run = RunFolder.open(path)
@@ -52,19 +54,50 @@ def _member(path: str | Path) -> RunFolder:
         raise LeukoError(f"{run.path} is a routed run; ensemble single-network runs (and route the ensemble after)")
     if not run.model.is_file():
         raise LeukoError(f"{run.path} has no model.pt (has its training finished?)")
-    if is_ensemble_spec(read_model_meta(run.model).get("model", {})):
+    net, meta = load_model(run.model)
+    if is_ensemble_spec(meta.get("model", {})):
         raise LeukoError(f"{run.path} is already an ensemble; give its member runs instead")
-    return run
+    return run, net, meta
 
 
-def _leaks(member: RunFolder, data: Any) -> tuple[list[str], list[str]]:
-    """Keys of the ensemble's test images ``member`` trained or validated on (the distillation check), and of
-    its validation images it trained on (split files record keys relative to the dataset root)."""
-    from leuko.train.distill import heldout_seen_by
+def _unsafe(member: RunFolder, data: Any) -> tuple[str, list[str]] | None:
+    """Why ``member`` cannot join an ensemble evaluated on ``data``'s test split and calibrated on its validation
+    split: ``(what, keys)``, or ``None`` when it is safe.
 
-    seen = member.read_json("split.json").get("assignments", {}) if member.split.is_file() else {}
-    val = [s.key for s in data.val if seen.get(s.relkey(data.index.root)) == "train"]
-    return heldout_seen_by(member, data), val
+    Every held-out image must be ``test`` in the member's own split and every validation image ``val`` or
+    ``test``; an image the member's split does not list counts against it (another dataset root, a merged
+    folder, no split file), since what cannot be matched cannot be shown unseen.
+    """
+    if not member.split.is_file():
+        return "has no split.json, so it cannot show that it never trained on", [s.key for s in data.test[:1]]
+    seen = member.read_json("split.json").get("assignments", {})
+    root = data.index.root
+    test = [s.key for s in data.test if seen.get(s.relkey(root)) != "test"]
+    if test:
+        return "trained or validated on, or does not list,", test
+    val = [s.key for s in data.val if seen.get(s.relkey(root)) not in ("val", "test")]
+    if val:
+        return "trained on, or does not list,", val
+    return None
+
+
+def _adaptation(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any] | None:
+    """The members' common adaptation (``None``: none adapted); members adapted differently are refused, since
+    the ensemble would answer for neither lab."""
+    def key(meta: dict[str, Any]) -> tuple[Any, ...] | None:
+        a = meta.get("adapted")
+        return None if not a else (a.get("method"), a.get("data"), a.get("layout")) if isinstance(a, dict) else (str(a),)
+
+    keys = [key(m) for m in metas]
+    if len(set(keys)) > 1:
+        described = "; ".join(f"{n}: {'not adapted' if k is None else ', '.join(str(v) for v in k)}" for n, k in zip(names, keys))
+        raise LeukoError(f"the runs are adapted differently ({described}); ensemble runs adapted the same way")
+    if keys[0] is None:
+        return None
+    first = metas[0]["adapted"]
+    common = {k: first[k] for k in ("method", "data", "layout") if k in first} if isinstance(first, dict) else {"adapted": first}
+    return {**common, "members": "each member adapted on its own (its adapt.json); the ensemble calibrated on the "
+                                 "source lab's validation split"}
 
 
 def build_ensemble_run(
@@ -78,8 +111,9 @@ def build_ensemble_run(
     Raises:
         LeukoError: fewer than two runs, a run twice, a missing, unfinished,
             routed or ensemble run, different classes or inputs, a member that
-            trained on the first run's held-out or validation images, ``out``
-            exists, the dataset cannot be read.
+            trained on (or whose split does not list) the first run's held-out
+            or validation images, members adapted differently, ``out`` exists,
+            the dataset cannot be read.
     """
     from leuko.infer.predictor import batched_logits
     from leuko.train.config import load_config
@@ -88,13 +122,14 @@ def build_ensemble_run(
 
     if len(runs) < 2:
         raise LeukoError(f"an ensemble needs at least two runs; got {len(runs)}")
-    members = [_member(r) for r in runs]
-    resolved = [m.path.resolve() for m in members]
+    resolved = [RunFolder.open(r).path.resolve() for r in runs]
     if len(set(resolved)) != len(resolved):
         raise LeukoError("a run is given twice; give each member run once")
     target = check_new_run(out, "an ensemble")
+    loaded = [_member(r) for r in runs]
+    members = [run for run, _, _ in loaded]
+    metas = [meta for _, _, meta in loaded]
     first = members[0]
-    metas = [read_model_meta(m.model) for m in members]
     for m, meta in zip(members[1:], metas[1:]):
         if meta["classes"] != metas[0]["classes"]:
             raise LeukoError(f"{m.path.name} predicts {', '.join(meta['classes'])}, {first.path.name} "
@@ -107,16 +142,17 @@ def build_ensemble_run(
     cfg = load_config(first.config)
     data = prepare_data(cfg.data, seed=cfg.train.seed, split_file=first.split)
     for m in members[1:]:
-        test, val = _leaks(m, data)
-        if test or val:
-            where, keys = ("held-out", test) if test else ("validation", val)
-            raise LeukoError(f"{m.path.name} trained on {len(keys)} of {first.path.name}'s {where} images (e.g. {keys[0]}); "
-                             "ensemble runs trained on the same split (data.split, data.split_seed)")
+        unsafe = _unsafe(m, data)
+        if unsafe:
+            what, keys = unsafe
+            raise LeukoError(f"{m.path.name} {what} {len(keys)} of {first.path.name}'s held-out or validation images "
+                             f"(e.g. {keys[0]}); ensemble runs trained on the same split (data.split, data.split_seed)")
+    adapted = _adaptation(metas, [m.path.name for m in members])
     if len(data.val) < 10:
         raise LeukoError(f"{first.path.name}'s validation split has {len(data.val)} images; calibrating the ensemble needs 10")
 
-    loaded = [load_model(m.model) for m in members]
-    model = Ensemble([net for net, _ in loaded], [float(meta.get("temperature", 1.0)) for _, meta in loaded])
+    temperatures = [float(meta.get("temperature", 1.0)) for meta in metas]
+    model = Ensemble([net for _, net, _ in loaded], temperatures)
     model.eval()
     info = SimpleNamespace(mean=metas[0]["input"]["mean"], std=metas[0]["input"]["std"])
     echo(f"calibrating the ensemble of {len(members)} on {len(data.val)} validation images of {first.path.name}")
@@ -128,12 +164,11 @@ def build_ensemble_run(
     transform = run_transform(cfg.data, info, train=False)
     c2i = {c: i for i, c in enumerate(data.classes)}
     y = np.array([c2i[s.label] for s in data.val])
-    val_acc: dict[str, float] = {}
-    for m, (net, _) in zip(members, loaded):
-        logits = batched_logits(net, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
-        val_acc[m.path.name] = float((logits.argmax(1) == y).mean())
-    logits = batched_logits(model, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
-    val_acc["ensemble"] = float((logits.argmax(1) == y).mean())
+    member_logits = [batched_logits(net, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
+                     for _, net, _ in loaded]
+    combined = np.mean([z / t for z, t in zip(member_logits, temperatures)], axis=0)  # what Ensemble.forward computes
+    val_acc = {str(p): float((z.argmax(1) == y).mean()) for p, z in zip(resolved, member_logits)}
+    val_acc["ensemble"] = float((combined.argmax(1) == y).mean())
 
     spec = {
         "name": ENSEMBLE,
@@ -143,8 +178,9 @@ def build_ensemble_run(
     }
     meta: dict[str, Any] = {k: v for k, v in metas[0].items() if k not in ("format", "state_dict", "adapted", "route")}
     meta.update(model=spec, temperature=calibration["temperature"], review=calibration["review"])
-    meta["ensemble"] = {"members": [str(p) for p in resolved],
-                        "member_temperatures": [float(m.get("temperature", 1.0)) for m in metas]}
+    meta["ensemble"] = {"members": [str(p) for p in resolved], "member_temperatures": temperatures}
+    if adapted:
+        meta["adapted"] = adapted
 
     with derived_run(target, first) as new:
         save_model(new.model, model, meta)
