@@ -116,7 +116,6 @@ def test_every_consumer_of_a_model_takes_an_ensemble(ensemble: Path, tiny_run: P
     from leuko.explain import GradCAM
     from leuko.explain.gradcam import cam_to_image, input_box
     from leuko.infer import export_onnx
-    from leuko.train.adapt import adapt_run
 
     paths = sorted(new_images.glob("*.png"))
     onnx = export_onnx(ensemble, tmp_path / "ens.onnx").path  # one graph; export checks it against PyTorch
@@ -138,9 +137,6 @@ def test_every_consumer_of_a_model_takes_an_ensemble(ensemble: Path, tiny_run: P
         total = total + (gr.mean(dim=(1, 2))[:, None, None] * a).sum(0) / (2 * g.predictor.temperature)
     grid = np.maximum(total.numpy(), 0.0)
     np.testing.assert_allclose(exp.cam, cam_to_image(grid, rgb.shape[0], rgb.shape[1], box), atol=1e-4)
-    with pytest.raises(LeukoError, match="is an ensemble: adapt each member run .*then leuko ensemble"):
-        adapt_run(ensemble, new_images, tmp_path / "adapted", echo=lambda s: None)
-    assert not (tmp_path / "adapted").exists()
     # the report names the members
     from leuko.reports import write_report
 
@@ -188,3 +184,27 @@ def test_a_derived_run_is_all_or_nothing(tiny_run: Path, tmp_path: Path, monkeyp
     assert json.loads((target / "x.json").read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["new"]
     with pytest.raises(LeukoError, match="already exists; choose a new --out \\(a test run never overwrites"):
         check_new_run(target, "a test run")
+
+
+def test_adapting_an_ensemble_adapts_every_member(ensemble: Path, infer_base: Path, tmp_path: Path) -> None:
+    """Self-training: the ensemble's pseudo-labels, every member trained on them; the result is an ensemble again."""
+    import torch
+
+    from leuko.runs import load_model
+    from leuko.train.adapt import adapt_run
+
+    res = adapt_run(ensemble, infer_base / "cells", tmp_path / "adapted", method="self-train", epochs=1, echo=lambda s: None)
+    before, _ = load_model(ensemble)
+    after, meta = load_model(res.out)
+    assert meta["model"]["name"] == "ensemble" and "each member self-trained" in meta["adapted"]["teacher"]
+    for old, new in zip(before.members, after.members):  # every member moved, not only one
+        changed = [not torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values())]
+        assert any(changed)
+    assert torch.equal(before.inverse_temperatures, after.inverse_temperatures)  # the members' scales stay
+    np.testing.assert_allclose(meta["temperature"], Predictor(ensemble).temperature)
+    ada = adapt_run(ensemble, infer_base / "cells", tmp_path / "adabn", method="adabn", layers="all", echo=lambda s: None)
+    after, meta = load_model(ada.out)
+    assert len(meta["adapted"]["members"]) == 2 and meta["adapted"]["bn_layers"] == ada.n_layers > 0
+    for old, new in zip(before.members, after.members):  # each member's own statistics re-estimated
+        stats = [k for k in old.state_dict() if k.endswith("running_mean")]
+        assert stats and any(not torch.equal(old.state_dict()[k], new.state_dict()[k]) for k in stats)

@@ -49,6 +49,10 @@ class Ensemble(nn.Module):
         if any(not t > 0 for t in temperatures):
             raise LeukoError(f"member temperatures must be > 0; got {list(temperatures)}")
         self.members = nn.ModuleList(members)
+        # The registry's input description (mean, std, size) travels with a built network; the members share it.
+        info = getattr(members[0], "leuko_info", None)
+        if info is not None:
+            self.leuko_info = info
         # A buffer, so the state dict carries it and a reloaded ensemble scales as the saved one did.
         self.register_buffer("inverse_temperatures", torch.tensor([1.0 / float(t) for t in temperatures]))
 

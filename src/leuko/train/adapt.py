@@ -65,7 +65,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.models.ensemble import is_ensemble_spec
+from leuko.models.ensemble import Ensemble
 from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, check_new_run, derived_run, load_model, save_model
 
 ADAPT_METHODS: tuple[str, ...] = ("adabn", "self-train")
@@ -391,7 +391,10 @@ def adapt_run(
 
     A routed run (``leuko route``) adapts its robust network, the one that
     answers another lab's images, and keeps its home network and gate: the
-    adapted run is routed too.
+    adapted run is routed too. An ensemble (``leuko ensemble``) adapts each
+    member: AdaBN re-estimates each member's statistics; self-training
+    labels the images with the ensemble's answer and trains every member on
+    those labels.
 
     Args:
         data: the new lab's images (a dataset folder, or any folder of images).
@@ -440,12 +443,6 @@ def adapt_run(
         raise LeukoError("--out must be a new folder, not the run being adapted")
     routed = (run.path / ROUTE_FILE).is_file()  # adapt its robust network; the home network and the gate stay
     model, meta = load_model(run.model if routed else run.path)
-    if is_ensemble_spec(meta["model"]):
-        members = (meta.get("ensemble") or {}).get("members") or []
-        raise LeukoError(
-            f"{'the robust network of ' if routed else ''}{run.path} is an ensemble: adapt each member run"
-            + (f" ({', '.join(members)})" if members else "") + ", then leuko ensemble the adapted runs"
-            + (" and leuko route again" if routed else ""))
     samples = collect_samples(data, layout, layout_options)
     if max_images is not None and len(samples) > max_images:
         rng = np.random.default_rng(seed)
@@ -465,7 +462,15 @@ def adapt_run(
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source_run": str(run.path.resolve()),
     }
-    if method == "adabn":
+    if method == "adabn" and isinstance(model, Ensemble):  # each member's statistics, as each was trained
+        seen, n_layers, per_member = 0, 0, []
+        for member in model.members:
+            seen, n, d = _adabn(member, meta, run, cfg.model.freeze, samples, model_input, data, layers=layers,
+                                balance=balance, batch_size=batch_size, seed=seed, failed=failed, echo=echo, device=dev)
+            n_layers += n
+            per_member.append(d)
+        details = {"layers": layers, "bn_layers": n_layers, "members": per_member}
+    elif method == "adabn":
         seen, n_layers, details = _adabn(model, meta, run, cfg.model.freeze, samples, model_input, data, layers=layers,
                                          balance=balance, batch_size=batch_size, seed=seed, failed=failed, echo=echo, device=dev)
     else:
@@ -599,12 +604,20 @@ def _self_train(
     echo("pseudo-labels kept per class: " + ", ".join(f"{classes[c]} {k}" for c, k in enumerate(found) if k)
          + (f" (excluded: {', '.join(excluded)})" if excluded else ""))
     transform = run_transform(cfg.data, model.leuko_info, train=True, seed=seed)  # type: ignore[attr-defined]
-    echo(f"self-training {len(kept)} of {len(rows)} images of {data}: {epochs} passes, lr {lr:g}, freeze {cfg.model.freeze}")
-    steps = self_train(model, images, labels, transform, freeze_mode=cfg.model.freeze, epochs=epochs, lr=lr,
-                       batch_size=min(32, int(cfg.train.batch_size)), weight_decay=float(cfg.train.weight_decay),
-                       label_smoothing=float(cfg.train.label_smoothing), seed=seed, device=device)
+    # An ensemble teaches with its averaged answer and each member learns from it: the pseudo-labels are the
+    # ensemble's (better than any member's), the students are the networks it averages.
+    students = list(model.members) if isinstance(model, Ensemble) else [model]
+    echo(f"self-training {len(kept)} of {len(rows)} images of {data}: {epochs} passes, lr {lr:g}, freeze {cfg.model.freeze}"
+         + (f", each of the ensemble's {len(students)} members" if len(students) > 1 else ""))
+    steps = sum(
+        self_train(student, images, labels, transform, freeze_mode=cfg.model.freeze, epochs=epochs, lr=lr,
+                   batch_size=min(32, int(cfg.train.batch_size)), weight_decay=float(cfg.train.weight_decay),
+                   label_smoothing=float(cfg.train.label_smoothing), seed=seed + i, device=device)
+        for i, student in enumerate(students))
+    model.eval()
     details = {
-        "teacher": "the source model with test-time augmentation",
+        "teacher": ("the ensemble with test-time augmentation; each member self-trained on its pseudo-labels"
+                    if len(students) > 1 else "the source model with test-time augmentation"),
         "kept": {classes[c]: int(k) for c, k in enumerate(found) if k},
         "excluded_classes": excluded,
         "class_map": str(class_map) if class_map is not None else None,
