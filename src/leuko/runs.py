@@ -39,8 +39,10 @@ ROUTE_FILE = "route.json"
 HOME_FILE = "home.pt"
 ENSEMBLE_FILE = "ensemble.json"
 """Marks an ensemble run (:mod:`leuko.train.ensemble`): its members, how each and the ensemble score on validation."""
-RECORD_FILES: tuple[str, ...] = ("config.yaml", "classes.json", "split.json", "data.json", "metrics.csv", "summary.json", "leakage.json")
-"""The run's record (training history and data description) that a run derived from it (adapted, routed) keeps."""
+RECORD_FILES: tuple[str, ...] = ("config.yaml", "classes.json", "split.json", "data.json", "metrics.csv", "summary.json",
+                                 "leakage.json", ENSEMBLE_FILE)
+"""The run's record (training history and data description) that a run derived from it (adapted, routed) keeps;
+``ensemble.json`` too, as it describes the ``model.pt`` an adapted or routed ensemble carries on."""
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,7 @@ def test_adapting_an_ensemble_adapts_every_member(ensemble: Path, infer_base: Pa
         changed = [not torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values())]
         assert any(changed)
     assert torch.equal(before.inverse_temperatures, after.inverse_temperatures)  # the members' scales stay
+    assert (res.out / "ensemble.json").read_bytes() == (ensemble / "ensemble.json").read_bytes()  # the record carries on
     np.testing.assert_allclose(meta["temperature"], Predictor(ensemble).temperature)
     ada = adapt_run(ensemble, infer_base / "cells", tmp_path / "adabn", method="adabn", layers="all", echo=lambda s: None)
     after, meta = load_model(ada.out)
