@@ -441,10 +441,9 @@ def evaluate_cmd(
         )
     route = m.get("route")
     if route:
-        console.print("route: " + "; ".join(
-            f"{name} network answered {route[name]['share']:.1%}"
-            + ("" if route[name]["accuracy"] is None else f" ({route[name]['accuracy']:.2%} correct)")
-            for name in ("home", "robust")), highlight=False)
+        from leuko.evaluate.run import describe_route
+
+        console.print("route: " + describe_route(route), highlight=False)
         _print_magnification(route.get("magnification"))
     for note in m["class_map"]["notes"]:
         console.print(f"[dim]class map: {note}[/]")

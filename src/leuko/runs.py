@@ -151,6 +151,23 @@ class RunFolder:
         return list(self.read_json("classes.json"))
 
 
+def is_routed(path: str | Path) -> bool:
+    """Whether ``path`` is a routed run folder (it holds ``route.json``; :mod:`leuko.infer.route`)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / ROUTE_FILE).is_file()
+
+
+def finished_run(path: str | Path, role: str) -> RunFolder:
+    """The single-network run folder at ``path`` whose training finished (``role`` names it in errors:
+    "home", "robust", "member"): what ``leuko route`` and ``leuko ensemble`` combine."""
+    run = RunFolder.open(path)
+    if is_routed(run.path):
+        raise LeukoError(f"{run.path} is already a routed run; give the {role} run itself")
+    if not run.model.is_file():
+        raise LeukoError(f"the {role} run {run.path} has no model.pt (has its training finished?)")
+    return run
+
+
 def check_new_run(target: str | Path, what: str) -> Path:
     """``target`` as a path, after checking it is new (absent, or an empty folder): a run derived from another
     (``what``: "an adapted run", "a routed run", "an ensemble") never overwrites a folder."""
@@ -223,7 +240,7 @@ def load_model(path: str | Path) -> tuple["torch.nn.Module", dict[str, Any]]:
 
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / ROUTE_FILE).is_file():
+        if is_routed(p):
             raise LeukoError(
                 f"{p} is a routed run of two networks and this needs one: give {p / 'model.pt'} (its robust network) or "
                 f"{p / HOME_FILE} (its home network) where a model file is accepted, else a run named in {p / ROUTE_FILE}"

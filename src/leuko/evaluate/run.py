@@ -211,7 +211,7 @@ def evaluate_run(
     frame = predictions_frame([str(s.path) if s.crop is None else s.key for s in kept], y, probs, target_classes)
     if pred.answered_by is not None:  # a routed run: which network answered each row (the report explains with it)
         frame["answered_by"] = pred.answered_by
-        frame["routed_because"] = pred.route_reasons or [""] * len(kept)
+        frame["routed_because"] = pred.route_reasons
     frame.to_csv(out_dir / "predictions.csv", index=False)
     report = classification_report_text(metrics, target_classes)
     (out_dir / "report.txt").write_text(report + "\n")
@@ -258,6 +258,14 @@ def route_summary(answered_by: Sequence[str], correct: np.ndarray, red_cell_rati
                      "accuracy": float(correct[m].mean()) if m.any() else None}
     out["magnification"] = lab_magnification(red_cell_ratio)
     return out
+
+
+def describe_route(route: dict[str, Any]) -> str:
+    """:func:`route_summary` in one line: ``home network answered 97.5% (99.14% correct); robust network ...``."""
+    return "; ".join(
+        f"{name} network answered {route[name]['share']:.1%}"
+        + ("" if route[name]["accuracy"] is None else f" ({route[name]['accuracy']:.2%} correct)")
+        for name in ("home", "robust"))
 
 
 IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy", "review", "route")

@@ -70,6 +70,10 @@ class Prediction:
     red_cell_ratio: np.ndarray | None = None
     """Routed runs: per row, the red cells' size over the home lab's (NaN where not measured)."""
 
+    def __post_init__(self) -> None:
+        if self.answered_by is not None and self.route_reasons is None:  # routed rows always say why (or "")
+            self.route_reasons = [""] * len(self.answered_by)
+
     @property
     def pred(self) -> np.ndarray:
         return self.probs.argmax(1) if len(self.probs) else np.empty(0, dtype=int)

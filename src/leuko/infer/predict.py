@@ -75,7 +75,6 @@ def predict_images(
     pred = predictor.predict_paths(paths, tta=tta)
     classes = predictor.classes
     reasons = predictor.review_reasons(pred)
-    routed_because = pred.route_reasons or [""] * len(pred.keys)
     rows = []
     for i, (key, p) in enumerate(zip(pred.keys, pred.probs)):
         order = np.argsort(-p)[:top_k]
@@ -89,7 +88,7 @@ def predict_images(
         row["review_reasons"] = "; ".join(reasons[i])
         if pred.answered_by is not None:
             row["answered_by"] = pred.answered_by[i]
-            row["routed_because"] = routed_because[i]
+            row["routed_because"] = pred.route_reasons[i]  # type: ignore[index]
             row["red_cell_ratio"] = float(pred.red_cell_ratio[i]) if pred.red_cell_ratio is not None else float("nan")
         rows.append(row)
     magnification = None

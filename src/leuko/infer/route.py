@@ -48,18 +48,12 @@ from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.infer.backends import BasePredictor, Prediction, array_loader, iter_batches, sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
-from leuko.runs import HOME_FILE, ROUTE_FILE
+from leuko.runs import HOME_FILE, ROUTE_FILE, is_routed
 
 __all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "is_routed", "lab_magnification"]
 
 _VIEW_SIZE = 128
 _VIEW_SHARE = 0.7
-
-
-def is_routed(path: str | Path) -> bool:
-    """Whether ``path`` is a routed run folder (it holds ``route.json``)."""
-    p = Path(path).expanduser()
-    return p.is_dir() and (p / ROUTE_FILE).is_file()
 
 
 class SmearView:

@@ -39,7 +39,7 @@ import pandas as pd
 from leuko.errors import LeukoError
 from leuko.reports.content import Cell, Code, Figure, Report, Section, Table, Text, fmt, metric_cell
 from leuko.reports.render import render_html, render_markdown
-from leuko.runs import ENSEMBLE_FILE, ROUTE_FILE, RunFolder
+from leuko.runs import ENSEMBLE_FILE, ROUTE_FILE, RunFolder, is_routed
 
 Echo = Callable[[str], None]
 
@@ -93,7 +93,7 @@ def load_or_evaluate(
         and preds_file.is_file()
         and (not run.model.is_file() or metrics_file.stat().st_mtime >= run.model.stat().st_mtime)
         # a routed run's evaluation must say which network answered each image (older ones did not)
-        and (not (run.path / ROUTE_FILE).is_file() or "answered_by" in _csv_header(preds_file))
+        and (not is_routed(run.path) or "answered_by" in _csv_header(preds_file))
     )
     if fresh:
         echo(f"reusing the evaluation in {out_dir}")
@@ -189,38 +189,23 @@ def _model_name(meta: dict[str, Any]) -> str:
 
 def _networks(predictor: Any) -> list[tuple[str, str, dict[str, Any]]]:
     """``(title, model file, meta)`` of each network: one, or a routed run's home and robust networks."""
+    from leuko.infer.route import RoutedPredictor
     from leuko.runs import HOME_FILE
 
-    if _is_routed(predictor):
+    if isinstance(predictor, RoutedPredictor):
         return [("home network", HOME_FILE, dict(predictor.home.meta)), ("robust network", "model.pt", dict(predictor.robust.meta))]
     return [("model", "model.pt", dict(predictor.meta))]
-
-
-def _is_routed(predictor: Any) -> bool:
-    from leuko.infer.route import RoutedPredictor
-
-    return isinstance(predictor, RoutedPredictor)
-
-
-def _answered(m: dict[str, Any]) -> str:
-    """``home 97.5% (99.14% correct), robust 2.5% (80.00% correct)`` from a routed evaluation's ``route``."""
-    route = m.get("route") or {}
-    parts = []
-    for name in ("home", "robust"):
-        r = route.get(name) or {}
-        acc = r.get("accuracy")
-        parts.append(f"{name} {100 * float(r.get('share', 0.0)):.1f}%" + ("" if acc is None else f" ({100 * float(acc):.2f}% correct)"))
-    return ", ".join(parts)
 
 
 def _overview(run: RunFolder, predictor: Any, ev: Evaluation) -> Section:
     m = ev.metrics
     meta = dict(predictor.meta)
     ci = (m.get("ci95") or {}).get("accuracy") or [None, None]
-    routed = _is_routed(predictor)
+    networks = _networks(predictor)
+    routed = len(networks) > 1
     models: list[tuple[str, Any]] = (
         [("model", "routed: the home network where the smear is the home lab's, the robust one elsewhere"),
-         *[(title, _model_name(net_meta)) for title, _, net_meta in _networks(predictor)]]
+         *[(title, _model_name(net_meta)) for title, _, net_meta in networks]]
         if routed else [("model", _model_name(meta))]
     )
     rows: list[tuple[str, Any]] = [
@@ -235,7 +220,9 @@ def _overview(run: RunFolder, predictor: Any, ev: Evaluation) -> Section:
         ("ECE (calibrated)", metric_cell("ece", m.get("ece"))),
     ]
     if routed and m.get("route"):
-        rows.append(("answered by", _answered(m)))
+        from leuko.evaluate.run import describe_route
+
+        rows.append(("route", describe_route(m["route"])))
     blocks: list[Any] = [_kv_table(rows)]
     split = (m.get("data") or {}).get("split")
     if split == "val":
@@ -276,7 +263,7 @@ def _model(predictor: Any, explainer: Any, run: RunFolder, ev: Evaluation) -> Se
     networks = _networks(predictor)
     if len(networks) == 1:
         return Section("Model", "model", _network_blocks(networks[0][2], explainer.layer))
-    route = run.read_json(ROUTE_FILE) if (run.path / ROUTE_FILE).is_file() else {}
+    route = run.read_json(ROUTE_FILE) if is_routed(run.path) else {}
     blocks: list[Any] = [
         Text("A routed run: two networks trained on the same lab and split, and a per-image gate that decides, from "
              "the image alone, which of them answers (leuko route)."),
@@ -341,7 +328,7 @@ def _training(run: RunFolder, ev: Evaluation, fig_dir: Path) -> Section:
     from leuko.evaluate.figures import plot_training_curves
 
     blocks: list[Any] = []
-    if (run.path / ROUTE_FILE).is_file():
+    if is_routed(run.path):
         home = run.read_json(ROUTE_FILE).get("home_run")
         blocks.append(Text(f"The training record of the robust network; the home network's is in its own run folder ({home}).", "note"))
     if (run.path / ENSEMBLE_FILE).is_file():

@@ -292,7 +292,7 @@ def load_service(model: str | Path, *, limits: UploadLimits | None = None, max_b
             raise RuntimeError(f"preprocessing failed for decoded uploads: {pred.failed[:3]}")
         routing = np.empty(len(pred.keys), dtype=object)  # per row: None, or (network, why) for a routed run
         if pred.answered_by is not None:
-            for i, row in enumerate(zip(pred.answered_by, pred.route_reasons or [""] * len(pred.keys))):
+            for i, row in enumerate(zip(pred.answered_by, pred.route_reasons or [])):
                 routing[i] = row
         return pred.logits, pred.probs, routing
 

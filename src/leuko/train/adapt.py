@@ -66,7 +66,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.models.ensemble import Ensemble
-from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, check_new_run, derived_run, load_model, save_model
+from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, check_new_run, derived_run, is_routed, load_model, save_model
 
 ADAPT_METHODS: tuple[str, ...] = ("adabn", "self-train")
 """Adaptation methods :func:`adapt_run` knows."""
@@ -441,7 +441,7 @@ def adapt_run(
     target = check_new_run(out, "an adapted run")
     if target.resolve() == run.path.resolve():
         raise LeukoError("--out must be a new folder, not the run being adapted")
-    routed = (run.path / ROUTE_FILE).is_file()  # adapt its robust network; the home network and the gate stay
+    routed = is_routed(run.path)  # adapt its robust network; the home network and the gate stay
     model, meta = load_model(run.model if routed else run.path)
     samples = collect_samples(data, layout, layout_options)
     if max_images is not None and len(samples) > max_images:

@@ -27,7 +27,7 @@ import numpy as np
 
 from leuko.errors import LeukoError
 from leuko.models.ensemble import ENSEMBLE, Ensemble, is_ensemble_spec
-from leuko.runs import ENSEMBLE_FILE, RunFolder, check_new_run, derived_run, load_model, save_model
+from leuko.runs import ENSEMBLE_FILE, RunFolder, check_new_run, derived_run, finished_run, load_model, save_model
 
 __all__ = ["EnsembleResult", "build_ensemble_run"]
 
@@ -47,13 +47,7 @@ class EnsembleResult:
 
 def _member(path: str | Path) -> tuple[RunFolder, Any, dict[str, Any]]:
     """A finished single-network run: its folder, network and metadata."""
-    from leuko.infer.route import is_routed
-
-    run = RunFolder.open(path)
-    if is_routed(run.path):
-        raise LeukoError(f"{run.path} is a routed run; ensemble single-network runs (and route the ensemble after)")
-    if not run.model.is_file():
-        raise LeukoError(f"{run.path} has no model.pt (has its training finished?)")
+    run = finished_run(path, "member")
     net, meta = load_model(run.model)
     if is_ensemble_spec(meta.get("model", {})):
         raise LeukoError(f"{run.path} is already an ensemble; give its member runs instead")
@@ -117,8 +111,8 @@ def build_ensemble_run(
     """
     from leuko.infer.predictor import batched_logits
     from leuko.train.config import load_config
-    from leuko.train.data import prepare_data
-    from leuko.train.runner import calibrate
+    from leuko.train.data import prepare_data, run_transform
+    from leuko.train.runner import calibrate_logits
 
     if len(runs) < 2:
         raise LeukoError(f"an ensemble needs at least two runs; got {len(runs)}")
@@ -154,19 +148,17 @@ def build_ensemble_run(
     temperatures = [float(meta.get("temperature", 1.0)) for meta in metas]
     model = Ensemble([net for _, net, _ in loaded], temperatures)
     model.eval()
+    # One pass of each member over the validation split gives each one's accuracy and, combined as
+    # Ensemble.forward combines them, the ensemble's logits to calibrate on.
     info = SimpleNamespace(mean=metas[0]["input"]["mean"], std=metas[0]["input"]["std"])
-    echo(f"calibrating the ensemble of {len(members)} on {len(data.val)} validation images of {first.path.name}")
-    calibration = calibrate(model, cfg, data, info)
-    assert calibration is not None  # at least 10 validation images, checked above
-    # Each member's validation accuracy beside the ensemble's, from the same images.
-    from leuko.train.data import run_transform
-
     transform = run_transform(cfg.data, info, train=False)
     c2i = {c: i for i, c in enumerate(data.classes)}
     y = np.array([c2i[s.label] for s in data.val])
+    echo(f"calibrating the ensemble of {len(members)} on {len(data.val)} validation images of {first.path.name}")
     member_logits = [batched_logits(net, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
                      for _, net, _ in loaded]
-    combined = np.mean([z / t for z, t in zip(member_logits, temperatures)], axis=0)  # what Ensemble.forward computes
+    combined = np.mean([z / t for z, t in zip(member_logits, temperatures)], axis=0)
+    calibration = calibrate_logits(combined, y)
     val_acc = {str(p): float((z.argmax(1) == y).mean()) for p, z in zip(resolved, member_logits)}
     val_acc["ensemble"] = float((combined.argmax(1) == y).mean())
 

@@ -22,8 +22,8 @@ from leuko.errors import LeukoError
 from leuko.evaluate.run import route_summary
 from leuko.infer.backends import sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
-from leuko.infer.route import RoutedPredictor, SmearGate, SmearView, is_routed
-from leuko.runs import HOME_FILE, ROUTE_FILE, RunFolder, check_new_run, derived_run, load_model, read_model_meta, save_model
+from leuko.infer.route import RoutedPredictor, SmearGate, SmearView
+from leuko.runs import HOME_FILE, ROUTE_FILE, check_new_run, derived_run, finished_run, load_model, read_model_meta, save_model
 
 __all__ = ["RouteResult", "build_route"]
 
@@ -36,15 +36,6 @@ class RouteResult:
     gate: SmearGate
     val_home_share: float
     val_accuracy: dict[str, float | None]
-
-
-def _finished(path: str | Path, role: str) -> RunFolder:
-    run = RunFolder.open(path)
-    if is_routed(run.path):
-        raise LeukoError(f"{run.path} is already a routed run; give the {role} run itself")
-    if not run.model.is_file():
-        raise LeukoError(f"the {role} run {run.path} has no model.pt (has its training finished?)")
-    return run
 
 
 def build_route(
@@ -77,7 +68,7 @@ def build_route(
     from leuko.train.data import prepare_data
     from leuko.train.distill import heldout_seen_by
 
-    home, robust = _finished(home_dir, "home"), _finished(robust_dir, "robust")
+    home, robust = finished_run(home_dir, "home"), finished_run(robust_dir, "robust")
     if home.path.resolve() == robust.path.resolve():
         raise LeukoError(f"the home and the robust run are the same folder ({home.path}); route two different runs")
     target = check_new_run(out, "a routed run")

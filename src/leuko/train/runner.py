@@ -292,16 +292,20 @@ def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: 
         return None
     import numpy as np
 
-    from leuko.evaluate.calibration import ece, fit_temperature, nll, softmax
     from leuko.infer.predictor import batched_logits
-    from leuko.infer.review import fit_review
-
     from leuko.train.data import run_transform
 
     transform = run_transform(cfg.data, info, train=False)
     logits = batched_logits(model, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
     c2i = {c: i for i, c in enumerate(data.classes)}
-    y = np.array([c2i[s.label] for s in data.val])
+    return calibrate_logits(logits, np.array([c2i[s.label] for s in data.val]))
+
+
+def calibrate_logits(logits: Any, y: Any) -> dict[str, Any]:
+    """:func:`calibrate` from validation logits already computed (an ensemble combines its members')."""
+    from leuko.evaluate.calibration import ece, fit_temperature, nll, softmax
+    from leuko.infer.review import fit_review
+
     t = fit_temperature(logits, y)
     before, after = softmax(logits), softmax(logits, t)
     review = fit_review(logits, y, t, split_name="the validation split")
