@@ -38,7 +38,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "pbc"
 
 def leuko_row(data: Path, recipe: Path, run: Path | None, tta: bool) -> dict:
     from leuko.evaluate.run import evaluate_run
-    from leuko.runs import RunFolder
+    from leuko.run.folder import RunFolder
     from leuko.train import train
 
     cpu_s = None
@@ -57,7 +57,7 @@ def leuko_row(data: Path, recipe: Path, run: Path | None, tta: bool) -> dict:
 def yolo_tree(run: Path, data: Path, dest: Path) -> tuple[list[Path], list[str], list[str]]:
     """train/ val/ test/ class folders of symlinks to the run's split; returns test paths, labels and classes."""
     from leuko.train import load_config
-    from leuko.train.data import prepare_data
+    from leuko.run.data import prepare_data
 
     cfg = load_config(run / "config.yaml")
     prepared = prepare_data(cfg.data, seed=cfg.train.seed, split_file=run / "split.json", data_path=data)

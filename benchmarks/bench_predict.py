@@ -2,7 +2,7 @@
 
 Same model in every row: EfficientNet-Lite0 with its bundled ImageNet weights
 and an 8-class head (a run folder is built in a temp dir with the registry and
-:func:`leuko.runs.save_model`, then exported with :func:`leuko.infer.export_onnx`;
+:func:`leuko.run.folder.save_model`, then exported with :func:`leuko.infer.export_onnx`;
 training is not needed to measure speed). Rows (images/s, higher is better):
 
 * ``naive``: what a user writes first: for each file ``PIL.Image.open ->
@@ -73,7 +73,7 @@ def build_run(folder: Path, size: int, n_classes: int) -> tuple[Path, Path, floa
 
     from leuko.infer.onnx import export_onnx
     from leuko.models import build_model
-    from leuko.runs import save_model
+    from leuko.run.folder import save_model
 
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", n_classes, pretrained="bundled")
@@ -97,7 +97,7 @@ def naive_predict(run: Path) -> Callable[[list[Path]], Any]:
     from PIL import Image
     from torchvision import transforms as tvt
 
-    from leuko.runs import load_model
+    from leuko.run.folder import load_model
 
     model, meta = load_model(run)
     model.eval()

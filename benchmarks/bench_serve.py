@@ -3,7 +3,7 @@
 The model: EfficientNet-Lite0 with its bundled ImageNet weights and an 8-class
 head (speed does not depend on training, so none is done), at the pbc-fast
 recipe's input (128 px, centre crop 0.7), saved as a run with
-:func:`leuko.runs.save_model` in a temporary folder and exported to ONNX.
+:func:`leuko.run.folder.save_model` in a temporary folder and exported to ONNX.
 
 Servers, each in its own process on 127.0.0.1, measured one after another:
 
@@ -54,8 +54,8 @@ def build_run(out: Path) -> tuple[Path, Path]:
     """A run folder with model.pt (EfficientNet-Lite0, bundled weights, 8 classes) and its model.onnx."""
     from leuko.infer import export_onnx
     from leuko.models import build_model
-    from leuko.runs import save_model
-    from leuko.train.config import load_config
+    from leuko.run.folder import save_model
+    from leuko.run.config import load_config
     from leuko.train.runner import model_meta
 
     classes = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
@@ -77,7 +77,7 @@ def naive_app(model_pt: Path):  # noqa: ANN201 - a FastAPI app
     from PIL import Image
     from torchvision import transforms as T
 
-    from leuko.runs import load_model
+    from leuko.run.folder import load_model
 
     model, meta = load_model(model_pt)
     model.eval()

@@ -146,7 +146,7 @@ def accuracy_run(data: Path, recipe: Path, overrides: list[str], tta: bool = Fal
     from leuko.evaluate.run import evaluate_run
     from leuko.models import build_model
     from leuko.train import load_config, train
-    from leuko.train.data import prepare_data
+    from leuko.run.data import prepare_data
 
     out = Path(tempfile.mkdtemp(prefix="leuko-bench-")) / "run"
     t0, cpu0 = time.perf_counter(), cpu_now()

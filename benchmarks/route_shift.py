@@ -32,9 +32,9 @@ from leuko.data.imageio import load_rgb
 from leuko.errors import LeukoError
 from leuko.infer import load_predictor
 from leuko.infer.route import RoutedPredictor, lab_magnification
-from leuko.runs import RunFolder
-from leuko.train.config import load_config
-from leuko.train.data import prepare_data
+from leuko.run.folder import RunFolder
+from leuko.run.config import load_config
+from leuko.run.data import prepare_data
 
 # Smear CIELAB mean, BCCD minus PBC (OpenCV 8-bit L, a, b; `SmearView` over all of each set, session 10).
 BCCD_SHIFT = np.array([-20.0, -6.0, -10.6])

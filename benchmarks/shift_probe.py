@@ -31,8 +31,8 @@ from leuko.data import load_dataset
 from leuko.data.locate import resolve_data
 from leuko.data.preprocess import decode_raw, lab_stats, reinhard
 from leuko.infer import Predictor
-from leuko.train.config import load_config
-from leuko.train.data import prepare_data
+from leuko.run.config import load_config
+from leuko.run.data import prepare_data
 
 BCCD_CLASSES = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
 

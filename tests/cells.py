@@ -80,3 +80,22 @@ def train_tiny(infer_base: Path, name: str, overrides: list[str]) -> Path:
             mp.setenv("LEUKO_CACHE_DIR", str(infer_base / "cache"))
             train(None, run, overrides=overrides, data_path=infer_base / "cells", echo=lambda s: None)
     return run
+
+
+def model_payload(path: "Path | str") -> dict:
+    """A ``model.pt`` as the plain mapping stored on disk: its card's keys and ``state_dict`` (for assertions)."""
+    from leuko.run.folder import read_model_file
+
+    card, state = read_model_file(Path(path))
+    return {**card.to_meta(), "state_dict": state}
+
+
+def call(argv: list[str]) -> int:
+    """Run the CLI in-process; return its exit code (Typer exits even on success)."""
+    from leuko.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

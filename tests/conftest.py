@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
-from cells import make_cell  # noqa: E402  (tests/ is on the path: see pyproject)
+from cells import make_cell, make_tree  # noqa: E402  (tests/ is on the path: see pyproject)
 
 
 @pytest.fixture
@@ -149,3 +149,10 @@ def csv_manifest(tmp_path: Path) -> Path:
     lines.append("imgs/missing.png,mono,patient9")
     (root / "manifest.csv").write_text("\n".join(lines) + "\n")
     return root / "manifest.csv"
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """60 generated cells in three classes, with the decoded-image cache kept inside the test's folder."""
+    monkeypatch.setenv("LEUKO_CACHE_DIR", str(tmp_path / "cache"))
+    return make_tree(tmp_path / "cells")

@@ -34,7 +34,7 @@ from leuko.data.preprocess import (
 )
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from test_cli import call
+from cells import call
 
 BACKGROUND = (238, 222, 205)
 RBC = (222, 160, 165)

@@ -146,26 +146,3 @@ def test_no_pyplot_figures_leak(tmp_path: Path, data: tuple) -> None:
     m = compute_metrics(y, p, CLASSES, n_bootstrap=0)
     F.plot_per_class_bars(m, tmp_path / "b.png")
     assert Gcf.get_num_fig_managers() == before
-
-
-def test_evaluate_layer_does_not_import_train_or_cli() -> None:
-    """Static check of every import in leuko/evaluate (cheaper and stricter than importing it).
-
-    The building blocks (metrics, calibration, figures, tables) are pure; only ``run.py``,
-    which reads a run folder and rebuilds its split, and ``grid.py``, which trains the
-    cells of ``leuko cv``/``leuko compare``, may use the training package.
-    """
-    import ast
-
-    import leuko.evaluate
-
-    for src in Path(leuko.evaluate.__file__).parent.glob("*.py"):
-        forbidden = ("leuko.cli", "leuko.serve") if src.name in ("run.py", "grid.py") else ("leuko.train", "leuko.cli", "leuko.serve")
-        for node in ast.walk(ast.parse(src.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert not name.startswith(forbidden), f"{src.name} imports {name}"

@@ -11,9 +11,10 @@ import pytest
 
 from cells import make_cell
 from leuko.errors import LeukoError
-from leuko.evaluate.run import ClassMap, evaluate_run
+from leuko.data.classmap import ClassMap
+from leuko.evaluate.run import evaluate_run
 from leuko.train import train
-from test_cli import call
+from cells import call
 
 CLASSES = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 TINY = [
@@ -72,10 +73,10 @@ def test_evaluate_files_agree(tiny_run: Path, tmp_path: Path) -> None:
     # the review policy's view of these images: the flagged share is the share below the threshold
     # (energy aside), and the accepted accuracy is recomputed from predictions.csv
     rv = saved["review"]
-    from leuko.infer.backends import load_predictor
+    from leuko.infer.load import load_predictor
     from leuko.infer.review import ReviewPolicy
 
-    policy = ReviewPolicy.from_meta(load_predictor(tiny_run).meta)
+    policy = load_predictor(tiny_run).review_policy
     assert rv["policy"] == policy.describe()
     low = frame["confidence"] < policy.threshold
     assert rv["low_confidence"] == pytest.approx(low.mean(), abs=1e-9)

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from cells import make_cell
+from leuko.run.card import ModelCard
 from leuko.cli import main
 from leuko.errors import LeukoError
 from leuko.explain import GradCAM, explanation_png, find_target_layer, overlay
 from leuko.infer import Predictor
 from leuko.models import IMAGENET_MEAN, IMAGENET_STD, build_model, registered_names
-from leuko.runs import save_model
+from leuko.run.folder import save_model
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 
@@ -92,7 +93,7 @@ def crafted_run(tmp_path: Path, *, image_size: int = 64, resize: str = "stretch"
     }
     run = tmp_path / f"crafted-{resize}-{len(preprocess or [])}"
     run.mkdir()
-    save_model(run / "model.pt", model, meta)
+    save_model(run / "model.pt", model, ModelCard.from_meta(meta))
     return run
 
 
@@ -316,7 +317,7 @@ def _saved(tmp_path: Path, name: str, size: int) -> Path:
     }
     run = tmp_path / name
     run.mkdir()
-    save_model(run / "model.pt", model, meta)
+    save_model(run / "model.pt", model, ModelCard.from_meta(meta))
     return run
 
 

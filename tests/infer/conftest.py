@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cells import TINY_CLASSES, TINY_RUN, make_cell, train_tiny
 
@@ -61,3 +62,42 @@ def folder_with_corrupt(new_images: Path, tmp_path: Path) -> Path:
     (root / "jpg" / "broken.jpg").write_bytes(good[: len(good) // 2])
     (root / "notes.png").write_text("not an image\n")
     return root
+
+
+def _split_seed(run: Path) -> int:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    seed = cfg["data"].get("split_seed")
+    return int(cfg["train"]["seed"] if seed is None else seed)
+
+
+@pytest.fixture(scope="session")
+def seed_one(infer_base: Path, tiny_run: Path) -> Path:
+    """tiny_run's recipe and split with another training seed (another random backbone: other answers)."""
+    return train_tiny(infer_base, "seed1", [*TINY_RUN, "train.seed=1", f"data.split_seed={_split_seed(tiny_run)}"])
+
+
+@pytest.fixture(scope="session")
+def ensemble(infer_base: Path, tiny_run: Path, seed_one: Path) -> Path:
+    from leuko.derive.ensemble import build_ensemble_run
+
+    out = infer_base / "ensemble"
+    if not out.exists():
+        build_ensemble_run([tiny_run, seed_one], out, echo=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def home_run(infer_base: Path, tiny_run: Path) -> Path:
+    """A second run on tiny_run's cells and split: another size and no CLAHE, so its answers differ."""
+    overrides = [o for o in TINY_RUN if not o.startswith(("data.image_size", "data.preprocess"))]
+    return train_tiny(infer_base, "home", [*overrides, "data.image_size=40"])
+
+
+@pytest.fixture(scope="session")
+def routed(infer_base: Path, home_run: Path, tiny_run: Path) -> Path:
+    from leuko.derive.route import build_route
+
+    out = infer_base / "routed"
+    if not out.exists():
+        build_route(home_run, tiny_run, out, echo=lambda s: None)
+    return out

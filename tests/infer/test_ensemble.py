@@ -1,4 +1,4 @@
-"""Ensemble runs: several runs of one recipe and split as one network (leuko.train.ensemble, leuko.models.ensemble)."""
+"""Ensemble runs: several runs of one recipe and split as one network (leuko.derive.ensemble, leuko.models.ensemble)."""
 
 from __future__ import annotations
 
@@ -8,33 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from cells import TINY_CLASSES, TINY_RUN, train_tiny
 from leuko.errors import LeukoError
 from leuko.infer import Predictor, load_predictor
-
-
-def _split_seed(run: Path) -> int:
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    seed = cfg["data"].get("split_seed")
-    return int(cfg["train"]["seed"] if seed is None else seed)
-
-
-@pytest.fixture(scope="module")
-def seed_one(infer_base: Path, tiny_run: Path) -> Path:
-    """tiny_run's recipe and split with another training seed (another random backbone: other answers)."""
-    return train_tiny(infer_base, "seed1", [*TINY_RUN, "train.seed=1", f"data.split_seed={_split_seed(tiny_run)}"])
-
-
-@pytest.fixture(scope="module")
-def ensemble(infer_base: Path, tiny_run: Path, seed_one: Path) -> Path:
-    from leuko.train.ensemble import build_ensemble_run
-
-    out = infer_base / "ensemble"
-    if not out.exists():
-        build_ensemble_run([tiny_run, seed_one], out, echo=lambda s: None)
-    return out
 
 
 def test_the_ensemble_is_the_mean_of_its_members_calibrated_logits(ensemble: Path, tiny_run: Path, seed_one: Path,
@@ -51,7 +28,7 @@ def test_the_ensemble_is_the_mean_of_its_members_calibrated_logits(ensemble: Pat
     assert meta["members"] == [str(tiny_run.resolve()), str(seed_one.resolve())]
     assert set(meta["validation"]["accuracy"]) == {str(tiny_run.resolve()), str(seed_one.resolve()), "ensemble"}
     ens = Predictor(ensemble)
-    assert ens.temperature == pytest.approx(meta["validation"]["temperature"]) and ens.meta["review"]
+    assert ens.temperature == pytest.approx(meta["validation"]["temperature"]) and ens.card.review
     summary = json.loads((ensemble / "summary.json").read_text())
     assert summary["calibration"]["temperature"] == pytest.approx(ens.temperature)  # the ensemble's, not a member's
     for name in ("config.yaml", "split.json", "classes.json"):
@@ -60,7 +37,7 @@ def test_the_ensemble_is_the_mean_of_its_members_calibrated_logits(ensemble: Pat
 
 def test_build_ensemble_refuses_what_would_mislead(ensemble: Path, tiny_run: Path, seed_one: Path, infer_base: Path,
                                                    tmp_path: Path) -> None:
-    from leuko.train.ensemble import build_ensemble_run
+    from leuko.derive.ensemble import build_ensemble_run
 
     def refused(runs: list[Path], match: str) -> None:
         out = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
@@ -86,16 +63,16 @@ def test_build_ensemble_refuses_what_would_mislead(ensemble: Path, tiny_run: Pat
 
 def _as_adapted(run: Path, out: Path, adapted: dict) -> Path:
     """A copy of ``run`` whose model.pt says it was adapted (what ``leuko adapt`` records)."""
-    from leuko.runs import load_model, save_model
+    from leuko.run.folder import load_model, save_model
 
     shutil.copytree(run, out)
     model, meta = load_model(out / "model.pt")
-    save_model(out / "model.pt", model, {**meta, "adapted": adapted})
+    save_model(out / "model.pt", model, meta.with_(adapted=adapted))
     return out
 
 
 def test_members_must_be_adapted_alike_and_the_ensemble_says_how(tiny_run: Path, seed_one: Path, tmp_path: Path) -> None:
-    from leuko.train.ensemble import build_ensemble_run
+    from leuko.derive.ensemble import build_ensemble_run
 
     lab = {"method": "self-train", "data": "/labs/b", "layout": "folder", "date": "2026-11-25"}
     a = _as_adapted(tiny_run, tmp_path / "a", lab)
@@ -106,7 +83,7 @@ def test_members_must_be_adapted_alike_and_the_ensemble_says_how(tiny_run: Path,
         build_ensemble_run([a, _as_adapted(seed_one, tmp_path / "c", {**lab, "data": "/labs/c"})], tmp_path / "two-labs",
                            echo=lambda s: None)
     out = build_ensemble_run([a, b], tmp_path / "ens", echo=lambda s: None).out
-    adapted = Predictor(out).meta["adapted"]
+    adapted = Predictor(out).card.adapted
     assert (adapted["method"], adapted["data"]) == ("self-train", "/labs/b") and "each member" in adapted["members"]
 
 
@@ -148,7 +125,7 @@ def test_every_consumer_of_a_model_takes_an_ensemble(ensemble: Path, tiny_run: P
 
 
 def test_cli_ensemble(tiny_run: Path, seed_one: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_cli import call
+    from cells import call
 
     out = tmp_path / "cli-ens"
     assert call(["ensemble", str(tiny_run), str(seed_one), "--out", str(out)]) == 0
@@ -161,7 +138,7 @@ def test_cli_ensemble(tiny_run: Path, seed_one: Path, tmp_path: Path, capsys: py
 
 def test_a_derived_run_is_all_or_nothing(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """route, ensemble and adapt build into .NAME.partial: an error or a full disk leaves no folder behind."""
-    from leuko.runs import RunFolder, check_new_run, derived_run
+    from leuko.run.folder import RunFolder, check_new_run, derived_run
 
     target = check_new_run(tmp_path / "new", "a test run")
     with pytest.raises(KeyboardInterrupt):
@@ -190,22 +167,22 @@ def test_adapting_an_ensemble_adapts_every_member(ensemble: Path, infer_base: Pa
     """Self-training: the ensemble's pseudo-labels, every member trained on them; the result is an ensemble again."""
     import torch
 
-    from leuko.runs import load_model
-    from leuko.train.adapt import adapt_run
+    from leuko.run.folder import load_model
+    from leuko.derive.adapt import adapt_run
 
     res = adapt_run(ensemble, infer_base / "cells", tmp_path / "adapted", method="self-train", epochs=1, echo=lambda s: None)
     before, _ = load_model(ensemble)
     after, meta = load_model(res.out)
-    assert meta["model"]["name"] == "ensemble" and "each member self-trained" in meta["adapted"]["teacher"]
+    assert meta.model.name == "ensemble" and meta.kind == "ensemble" and "each member self-trained" in meta.adapted["teacher"]
     for old, new in zip(before.members, after.members):  # every member moved, not only one
         changed = [not torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values())]
         assert any(changed)
     assert torch.equal(before.inverse_temperatures, after.inverse_temperatures)  # the members' scales stay
     assert (res.out / "ensemble.json").read_bytes() == (ensemble / "ensemble.json").read_bytes()  # the record carries on
-    np.testing.assert_allclose(meta["temperature"], Predictor(ensemble).temperature)
+    np.testing.assert_allclose(meta.temperature, Predictor(ensemble).temperature)
     ada = adapt_run(ensemble, infer_base / "cells", tmp_path / "adabn", method="adabn", layers="all", echo=lambda s: None)
     after, meta = load_model(ada.out)
-    assert len(meta["adapted"]["members"]) == 2 and meta["adapted"]["bn_layers"] == ada.n_layers > 0
+    assert len(meta.adapted["members"]) == 2 and meta.adapted["bn_layers"] == ada.n_layers > 0
     for old, new in zip(before.members, after.members):  # each member's own statistics re-estimated
         stats = [k for k in old.state_dict() if k.endswith("running_mean")]
         assert stats and any(not torch.equal(old.state_dict()[k], new.state_dict()[k]) for k in stats)

@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cells import model_payload
+from leuko.run.card import ModelCard
 from leuko.cli import main
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.infer import OnnxPredictor, Predictor, export_onnx, read_onnx_meta
+from leuko.infer import OnnxPredictor, Predictor, export_onnx, read_onnx_card
 from leuko.infer.onnx import META_KEY, READABLE_KEYS
-from leuko.runs import read_model_meta
 
 def call(argv: list[str]) -> int:
     """Run the CLI in-process; return its exit code (Typer exits even on success)."""
@@ -36,7 +37,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def test_metadata_round_trip(tiny_run: Path, tiny_onnx: Path) -> None:
-    stored = read_model_meta(tiny_run / "model.pt")
+    stored = model_payload(tiny_run / "model.pt")
     stored.pop("state_dict")
     assert tiny_onnx == tiny_run / "model.onnx"
     model = onnx.load(str(tiny_onnx))
@@ -44,7 +45,7 @@ def test_metadata_round_trip(tiny_run: Path, tiny_onnx: Path) -> None:
     props = {p.key: p.value for p in model.metadata_props}
     assert set(props) == {META_KEY, *READABLE_KEYS}
     assert json.loads(props[META_KEY]) == json.loads(json.dumps(stored))  # the whole meta, review policy included
-    assert "review" in stored and read_onnx_meta(tiny_onnx) == json.loads(props[META_KEY])
+    assert "review" in stored and read_onnx_card(tiny_onnx).to_meta() == json.loads(props[META_KEY])
     assert json.loads(props["classes"]) == ["eosinophil", "lymphocyte", "neutrophil"]
     assert float(props["temperature"]) == stored["temperature"] != 1.0
     assert int(props["image_size"]) == 32 and props["resize"] == "pad"
@@ -98,7 +99,7 @@ def test_export_architectures(tmp_path: Path, new_images: Path, name: str, n_cla
     import torch
 
     from leuko.models import build_model
-    from leuko.runs import save_model
+    from leuko.run.folder import save_model
 
     torch.manual_seed(0)
     model = build_model(name, n_classes, pretrained=pretrained, head=head)
@@ -110,7 +111,7 @@ def test_export_architectures(tmp_path: Path, new_images: Path, name: str, n_cla
         "input": {"image_size": size, "resize": "crop", "preprocess": [], "mean": list(info.mean), "std": list(info.std)},
         "temperature": 1.5,
     }
-    save_model(tmp_path / "model.pt", model, meta)
+    save_model(tmp_path / "model.pt", model, ModelCard.from_meta(meta))
     result = export_onnx(tmp_path / "model.pt", tmp_path / "exported.onnx")
     # export runs the file in onnxruntime on a random batch and compares with PyTorch
     assert result.path.is_file() and result.max_abs_diff is not None and result.max_abs_diff < 1e-4
@@ -134,7 +135,7 @@ def test_export_never_overwrites_silently(tiny_run: Path, tmp_path: Path, capsys
     assert err == f"error: {out} already exists; pass --force to overwrite it"
     assert out.read_bytes() == b"precious"
     assert call(["export", str(tiny_run), "--out", str(out), "--force"]) == 0
-    assert read_onnx_meta(out)["classes"] == ["eosinophil", "lymphocyte", "neutrophil"]
+    assert read_onnx_card(out).classes == ["eosinophil", "lymphocyte", "neutrophil"]
     assert not list(tmp_path.glob("*.tmp"))  # written via a temporary name, renamed into place
 
 
@@ -219,9 +220,9 @@ def test_bad_export_arguments(tiny_run: Path, tmp_path: Path, capsys: pytest.Cap
         err = capsys.readouterr().err.strip()
         assert err.startswith(message) and len(err.splitlines()) == 1, err
     with pytest.raises(LeukoError, match="the leuko metadata lacks"):
-        from leuko.infer.onnx import meta_from_props
+        from leuko.infer.onnx import card_from_props
 
-        meta_from_props({META_KEY: json.dumps({"classes": ["a"]})}, "x.onnx")
+        card_from_props({META_KEY: json.dumps({"classes": ["a"]})}, "x.onnx")
 
 
 @pytest.mark.shared
@@ -230,7 +231,7 @@ def test_pbc_images_agree(shared_datasets: Path, tmp_path: Path) -> None:
     import torch
 
     from leuko.models import build_model
-    from leuko.runs import save_model
+    from leuko.run.folder import save_model
 
     root = shared_datasets / "pbc"
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -244,7 +245,7 @@ def test_pbc_images_agree(shared_datasets: Path, tmp_path: Path) -> None:
         "input": {"image_size": 128, "resize": "stretch", "preprocess": ["center-crop:0.875"], "mean": list(info.mean), "std": list(info.std)},
         "temperature": 0.8,
     }
-    save_model(tmp_path / "model.pt", model, meta)
+    save_model(tmp_path / "model.pt", model, ModelCard.from_meta(meta))
     torch_predictor, onnx_predictor = Predictor(tmp_path), OnnxPredictor(export_onnx(tmp_path).path)
     for tta in (False, True):
         a = torch_predictor.predict_paths(paths, tta=tta)

@@ -58,7 +58,7 @@ def test_each_file_decoded_once_and_failures_named(
 
 
 def test_temperature_is_the_fitted_one_and_applied(tiny_run: Path, new_images: Path) -> None:
-    from leuko.evaluate.calibration import softmax
+    from leuko.run.calibration import softmax
 
     p = Predictor(tiny_run)
     summary_t = p.meta["temperature"]

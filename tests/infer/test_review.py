@@ -50,8 +50,8 @@ def test_policy_round_trips_through_meta_and_falls_back_without_one() -> None:
     rng = np.random.default_rng(2)
     z, y = _logits(200, rng, np.full(200, 3.0))
     policy = fit_review(z, y, temperature=1.7)
-    assert ReviewPolicy.from_meta({"review": policy.to_dict()}) == policy
-    fallback = ReviewPolicy.from_meta({})
+    assert ReviewPolicy.from_record(policy.to_dict()) == policy
+    fallback = ReviewPolicy.from_record(None)
     assert fallback.threshold == FALLBACK_THRESHOLD and fallback.energy_threshold is None
     assert "default" in fallback.describe()
 

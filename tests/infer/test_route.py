@@ -19,23 +19,6 @@ OTHER_LAB = (200, 212, 238)  # a bluish smear: another lab's stain and camera
 
 
 @pytest.fixture(scope="module")
-def home_run(infer_base: Path, tiny_run: Path) -> Path:
-    """A second run on tiny_run's cells and split: another size and no CLAHE, so its answers differ."""
-    overrides = [o for o in TINY_RUN if not o.startswith(("data.image_size", "data.preprocess"))]
-    return train_tiny(infer_base, "home", [*overrides, "data.image_size=40"])
-
-
-@pytest.fixture(scope="module")
-def routed(infer_base: Path, home_run: Path, tiny_run: Path) -> Path:
-    from leuko.train.route import build_route
-
-    out = infer_base / "routed"
-    if not out.exists():
-        build_route(home_run, tiny_run, out, echo=lambda s: None)
-    return out
-
-
-@pytest.fixture(scope="module")
 def two_labs(infer_base: Path) -> Path:
     """Unseen cells of every class: ``home/`` on the training lab's smear, ``other/`` on a bluish one."""
     root = infer_base / "two-labs"
@@ -159,7 +142,7 @@ def test_evaluate_and_predict_a_routed_run(routed: Path, two_labs: Path, tmp_pat
 
 def test_one_network_commands_name_the_routed_runs_members(routed: Path, tmp_path: Path) -> None:
     from leuko.infer import export_onnx
-    from leuko.runs import load_model
+    from leuko.run.folder import load_model
 
     with pytest.raises(LeukoError, match="routed run of two networks.*model.pt.*home.pt"):
         load_model(routed)
@@ -167,13 +150,13 @@ def test_one_network_commands_name_the_routed_runs_members(routed: Path, tmp_pat
         export_onnx(routed, tmp_path / "m.onnx")
     assert export_onnx(routed / "home.pt", tmp_path / "home.onnx").path.is_file()  # one network at a time
     model, meta = load_model(routed / "home.pt")  # each network is still reachable alone
-    assert meta["classes"] == list(TINY_CLASSES)
+    assert meta.classes == list(TINY_CLASSES)
     assert Predictor(routed / "model.pt").classes == list(TINY_CLASSES)
 
 
 def test_build_route_refuses_what_would_mislead(routed: Path, home_run: Path, tiny_run: Path, infer_base: Path,
                                                tmp_path: Path) -> None:
-    from leuko.train.route import build_route
+    from leuko.derive.route import build_route
 
     with pytest.raises(LeukoError, match="already exists"):
         build_route(home_run, tiny_run, routed, echo=lambda s: None)
@@ -191,7 +174,7 @@ def test_build_route_refuses_what_would_mislead(routed: Path, home_run: Path, ti
 
 def test_an_interrupted_build_leaves_nothing_that_passes_for_a_routed_run(home_run: Path, tiny_run: Path, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from leuko.train.route import build_route
+    from leuko.derive.route import build_route
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -208,7 +191,7 @@ def test_an_interrupted_build_leaves_nothing_that_passes_for_a_routed_run(home_r
 
 def test_cli_route_evaluate_and_predict(routed: Path, home_run: Path, tiny_run: Path, two_labs: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from test_cli import call
+    from cells import call
 
     out = tmp_path / "cli-routed"
     assert call(["route", str(home_run), str(tiny_run), "--out", str(out), "--quantile", "0.95"]) == 0
@@ -313,7 +296,7 @@ def test_report_of_a_routed_run(routed: Path, home_run: Path, tmp_path: Path, mo
 def test_adapting_a_routed_run_adapts_its_robust_network(routed: Path, two_labs: Path, tmp_path: Path) -> None:
     import torch
 
-    from leuko.train.adapt import adapt_run
+    from leuko.derive.adapt import adapt_run
 
     lab = tmp_path / "lab"
     for ci in range(len(TINY_CLASSES)):

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cells import make_cell
+from cells import make_cell, model_payload
 from leuko.cli import main
-from leuko.runs import RunFolder, load_model, read_model_meta, save_model
+from leuko.run.folder import RunFolder, load_model, save_model
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 ADAPTED = {"data": "/labs/other-hospital/cells", "method": "batch-norm statistics", "images": 57}
@@ -60,7 +60,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("LEUKO_CACHE_DIR", str(base / "cache"))
         train(None, out, overrides=over, data_path=root, echo=lambda s: None)
     model, meta = load_model(out)
-    save_model(out / "model.pt", model, {**meta, "adapted": ADAPTED})
+    save_model(out / "model.pt", model, meta.with_(adapted=ADAPTED))
     return out
 
 
@@ -117,7 +117,7 @@ def test_numbers_match_the_run(report: dict, run: Path) -> None:
     shown = re.search(r'data-metric="accuracy" data-value="([^"]+)">([^<]+)<', text)
     assert shown is not None
     assert float(shown.group(1)) == m["accuracy"] and shown.group(2) == f"{m['accuracy']:.4f}"
-    meta = read_model_meta(run / "model.pt")
+    meta = model_payload(run / "model.pt")
     t = re.search(r'data-metric="temperature" data-value="([^"]+)"', text)
     assert t is not None and float(t.group(1)) == pytest.approx(meta["temperature"]) and meta["temperature"] != 1.0
     summary = json.loads((run / "summary.json").read_text())["calibration"]

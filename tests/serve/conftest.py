@@ -93,3 +93,49 @@ def live_server(app: Any) -> Iterator[str]:
 def start_server() -> Any:
     """The :func:`live_server` context manager, for tests that need a real socket."""
     return live_server
+
+
+# --------------------------------------------------------------------------- stores
+POSTGRES_ENV = "LEUKO_TEST_POSTGRES_URL"
+"""A PostgreSQL server the store tests may create databases on (``.ci/run`` starts a throwaway cluster and sets it)."""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path | None]]:
+    """A fresh store for each backend: ``(db, images)`` as ``leuko serve --db/--images`` take them.
+
+    SQLite: a file in ``tmp_path`` (images beside it). PostgreSQL: a new database on the server
+    named by ``$LEUKO_TEST_POSTGRES_URL`` (dropped afterwards); skipped with the reason when unset.
+    """
+    if request.param == "sqlite":
+        yield str(tmp_path / "lab.db"), None
+        return
+    with postgres_database() as url:
+        yield url, tmp_path / "images"
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty database on the test server; its URL."""
+    import os
+    import uuid
+
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"no PostgreSQL: set {POSTGRES_ENV}=postgresql+psycopg://USER@HOST:PORT/DB (.ci/run starts one)")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+    from sqlalchemy.engine import make_url
+
+    url = make_url(base.replace("postgresql://", "postgresql+psycopg://", 1) if base.startswith("postgresql://") else base)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    name = f"leuko_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"{POSTGRES_ENV} is set but the server cannot be used: {str(exc).strip().splitlines()[0]}")
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -90,7 +90,7 @@ def test_review_flag_follows_policy(client: TestClient, serve_run: Path, cell_im
 
     pred = load_predictor(serve_run)
     ref = pred.predict_paths(cell_images)
-    expected = ReviewPolicy.from_meta(pred.meta).reasons(ref.logits, ref.probs, pred.temperature)
+    expected = pred.review_policy.reasons(ref.logits, ref.probs, pred.temperature)
     results = client.post("/predict", files=files_of(cell_images)).json()["results"]
     assert [r["review_reasons"] for r in results] == expected
 
@@ -183,7 +183,7 @@ def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     paths = spec["paths"]
     expected = {
         ("/health", "get"), ("/model", "get"), ("/predict", "post"), ("/explain", "post"),
-        ("/count", "post"), ("/count/labels", "post"),
+        ("/count", "post"), ("/count/labels", "post"), ("/whoami", "get"),
     }
     assert {(p, m) for p, ops in paths.items() for m in ops} == expected
     for path, method in expected:

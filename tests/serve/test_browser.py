@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -141,6 +142,152 @@ def test_review_session_in_browser(serve_run: Path, cell_images: list[Path], sta
     assert not foreign, f"the page reached outside the service: {foreign}"
     assert not errors, f"console errors: {errors}"
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def tile_labels(page: Any) -> list[str]:
+    return page.eval_on_selector_all("#grid .tile .lab", "ts => ts.map(t => t.textContent)")
+
+
+def test_sample_session_in_browser(serve_run: Path, cell_images: list[Path], start_server: Any, tmp_path: Path) -> None:
+    """Samples kept in a store: review, reload, restart the service, same labels and count; sign off, frozen."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+    if chromium_path() is None:
+        pytest.skip("no Chromium found (/usr/bin/chromium); CI installs Debian's chromium")
+    from leuko.serve import create_app
+
+    db = tmp_path / "lab.db"
+    app = create_app(serve_run, store=db)
+    classes: list[str] = app.state.service.classes
+    with sync_api.sync_playwright() as p:
+        with start_server(app) as url:
+            browser, page, foreign, errors = open_page(p, url)
+            try:
+                expect(page.locator("#samples-view")).to_be_visible()
+                expect(page.locator("#samples-empty")).to_be_visible()
+                page.fill("#reviewer", "Ann Smith")
+                page.fill("#new-accession", "S24-000101")
+                page.click("#create-sample")
+                expect(page.locator("#sample-title")).to_have_text("S24-000101")
+                assert page.url.endswith("#/samples/1")
+                page.set_input_files("#pick-files", [str(x) for x in cell_images])
+                expect(page.locator("#grid .tile .lab")).to_have_count(len(cell_images), timeout=60_000)
+                predicted = tile_labels(page)
+
+                # correct the first cell, accept the second, correct the third, all with keys
+                page.locator("#grid .tile").first.click()
+                wanted = list(predicted)
+                for i in (0, 2):
+                    wanted[i] = next(c for c in classes if c != predicted[i])
+                page.keyboard.press(str(classes.index(wanted[0]) + 1))
+                page.keyboard.press("a")
+                page.keyboard.press(str(classes.index(wanted[2]) + 1))
+                expect(page.locator("#save-status")).to_have_text("all changes saved")
+                expected = {c: wanted.count(c) for c in classes}
+                expect(page.locator(f"#count-table tr[data-label='{wanted[0]}'] td:nth-child(2)")).to_have_text(str(expected[wanted[0]]))
+                assert tile_labels(page) == wanted and count_table(page) == expected
+
+                # the first cell's history: the model's answer, then Ann's correction
+                page.locator("#grid .tile").first.click()
+                expect(page.locator("#history-list li")).to_have_count(2)
+                assert f"Ann Smith: {predicted[0]} → {wanted[0]}" in page.locator("#history-list li").nth(1).text_content()
+
+                page.reload()  # everything came from the store: a reload shows the same
+                expect(page.locator("#grid .tile .lab")).to_have_count(len(cell_images))
+                expect(page.locator("#count-total")).to_have_text(str(len(cell_images)))
+                assert tile_labels(page) == wanted and count_table(page) == expected
+                assert page.locator("#grid .tile.reviewed").count() == 3
+            finally:
+                browser.close()
+        assert not foreign, f"the page reached outside the service: {foreign}"
+        assert not errors, f"console errors: {errors}"
+
+        # a new service process on the same database: the same sample, labels and count
+        with start_server(create_app(serve_run, store=db)) as url:
+            browser, page, foreign, errors = open_page(p, url)
+            try:
+                row = page.locator("#sample-table tbody tr[data-accession='S24-000101']")
+                expect(row).to_have_count(1)
+                assert row.locator("td").nth(2).text_content() == "open" and row.locator("td").nth(4).text_content() == "3"
+                row.locator("a").click()
+                expect(page.locator("#grid .tile .lab")).to_have_count(len(cell_images))
+                assert tile_labels(page) == wanted and count_table(page) == expected
+
+                page.click("#sign-off")  # another browser: it does not know who reviews yet, and says so
+                expect(page.locator("#message")).to_contain_text("Type your name in the reviewer box")
+                assert page.locator("#sample-status").text_content() == "open"
+                page.fill("#reviewer", "Ann Smith")
+                page.click("#sign-off")
+                expect(page.locator("#sample-status")).to_have_text("signed off")
+                expect(page.locator("#message")).to_contain_text("signed off: its count is frozen")
+                assert "by Ann Smith" in page.locator("#sample-signed").text_content()
+                assert page.locator("#drop").is_hidden() and page.locator("#reopen-box").is_visible()
+                # frozen: a key changes nothing, the page says why
+                page.locator("#grid .tile").nth(1).click()
+                assert page.locator("#class-buttons button").first.is_disabled()
+                page.keyboard.press(str(classes.index(next(c for c in classes if c != wanted[1])) + 1))
+                expect(page.locator("#message")).to_contain_text("is signed off: re-open it to change a label")
+                page.reload()
+                expect(page.locator("#sample-status")).to_have_text("signed off")
+                assert tile_labels(page) == wanted and count_table(page) == expected
+                page.click("#back")
+                row = page.locator("#sample-table tbody tr[data-accession='S24-000101']")
+                expect(row.locator("td").nth(2)).to_have_text("signed-off")
+                assert "Ann Smith" in row.locator("td").nth(7).text_content()
+            finally:
+                browser.close()
+        assert not foreign, f"the page reached outside the service: {foreign}"
+        assert not errors, f"console errors: {errors}"
+    with create_app(serve_run, store=db).state.store as store:
+        detail = store.get_sample(1)
+        assert detail.status == "signed-off" and [c.label for c in detail.cells] == wanted
+        assert [e.action for e in detail.events] == ["create", "sign-off"]
+
+
+def test_sample_page_with_login(serve_run: Path, cell_images: list[Path], start_server: Any, tmp_path: Path) -> None:
+    """With --auth the page asks for a token; every call carries it, and the events carry the token's reviewer."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+    if chromium_path() is None:
+        pytest.skip("no Chromium found (/usr/bin/chromium); CI installs Debian's chromium")
+    from leuko.serve import create_app
+    from leuko.serve.auth import add_token
+
+    tokens = tmp_path / "tokens.txt"
+    secret = add_token(tokens, "Bob Jones")
+    app = create_app(serve_run, store=tmp_path / "lab.db", auth=tokens)
+    with start_server(app) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        try:
+            page.goto(url + "/")
+            expect(page.locator("#login")).to_be_visible()
+            page.fill("#token", "not-a-token")
+            page.click("#sign-in")
+            expect(page.locator("#message")).to_contain_text("unknown token")
+            page.fill("#token", secret)
+            page.click("#sign-in")
+            expect(page.locator("#signed-in-name")).to_have_text("signed in as Bob Jones")
+            expect(page.locator("#model-line")).to_contain_text("classes")
+            assert page.locator("#who-reviewer").is_hidden()  # the token names the reviewer: no name box
+            page.fill("#new-accession", "AUTH-7")
+            page.click("#create-sample")
+            expect(page.locator("#sample-title")).to_have_text("AUTH-7")
+            page.set_input_files("#pick-files", [str(x) for x in cell_images[:4]])
+            expect(page.locator("#grid .tile .lab")).to_have_count(4, timeout=60_000)
+            page.locator("#grid .tile").first.click()
+            page.keyboard.press("a")
+            expect(page.locator("#save-status")).to_have_text("all changes saved")
+            # images came through fetch with the token (blob: URLs), since an <img> cannot send a header
+            expect(page.locator("#grid .tile img").first).to_have_attribute("src", re.compile(r"^blob:"))
+            assert page.eval_on_selector("#grid .tile img", "i => i.naturalWidth") > 0
+        finally:
+            browser.close()
+    assert not errors, errors
+    with app.state.store.__class__.open(tmp_path / "lab.db") as store:
+        (cell,) = [c for c in store.get_sample(1).cells if c.reviewed]
+        assert cell.last_review is not None and cell.last_review.reviewer == "Bob Jones"
+        assert store.get_sample(1).created_by == "Bob Jones"
 
 
 def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: int = 10) -> None:

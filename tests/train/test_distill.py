@@ -12,9 +12,9 @@ import torch
 from cells import TINY_TRAIN
 from leuko.errors import LeukoError
 from leuko.infer import Predictor
-from leuko.runs import RunFolder
+from leuko.run.folder import RunFolder
 from leuko.train import load_config, train
-from leuko.train.data import prepare_data
+from leuko.run.data import prepare_data
 from leuko.train.distill import check_teacher, distill_loss, heldout_seen_by, teacher_targets
 
 TINY = TINY_TRAIN

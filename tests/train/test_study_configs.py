@@ -14,7 +14,7 @@ import pytest
 
 from cells import make_cell
 from leuko.errors import LeukoError
-from leuko.evaluate.grid import compare, cross_validate, load_grid
+from leuko.studies.grid import compare, cross_validate, load_grid
 from leuko.train import load_config, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -107,7 +107,7 @@ def test_studies_need_imagenet_weights_offline(trees: dict[str, Path], tmp_path:
 
 def test_a_grid_given_to_train_names_the_verb_that_reads_it(tmp_path: Path) -> None:
     """`leuko train configs/study-transfer4.yaml` is what a user types first: one line pointing to `leuko compare`."""
-    from test_cli import call
+    from cells import call
 
     grid = CONFIGS / "study-transfer4.yaml"
     with pytest.raises(LeukoError, match="comparison grid .* run it with 'leuko compare"):

@@ -15,7 +15,7 @@ import pytest
 
 from cells import TINY_TRAIN
 from leuko.errors import LeukoError
-from leuko.runs import RunFolder, load_model
+from leuko.run.folder import RunFolder, load_model
 from leuko.train import load_config, train
 
 TINY = TINY_TRAIN
@@ -40,7 +40,7 @@ def test_train_writes_run_folder(tiny_data: Path, tmp_path: Path) -> None:
     counts = run.read_json("data.json")["counts"]
     assert sum(counts["train"].values()) == 48 and sum(counts["test"].values()) == 6
     model, meta = load_model(out)
-    assert meta["classes"] == run.class_names() and meta["input"]["image_size"] == 32
+    assert meta.classes == run.class_names() and meta.image_size == 32 and meta.kind == "network"
     cfg = load_config(run.config)
     assert cfg.data.path == str(tiny_data.resolve())  # resolved config records the data used
 

@@ -123,7 +123,7 @@ class Split:
         train = [s for s in index.samples if self.folds.get(s.relkey(index.root), -1) != k]
         train = [s for s in train if s.relkey(index.root) in self.folds]
         assign = {s.relkey(index.root): "test" for s in index.samples if self.folds.get(s.relkey(index.root)) == k}
-        assign.update(_assign_holdout(train, index.root, (1.0 - vf, vf, 0.0), self.seed + 1000 + k))
+        assign.update(assign_holdout(train, index.root, (1.0 - vf, vf, 0.0), self.seed + 1000 + k))
         return Split(f"{self.preset}[fold {k}]", self.seed, self.grouped, assign, None, vf, list(self.notes))
 
     def check_groups(self, index: DatasetIndex) -> list[str]:
@@ -197,7 +197,7 @@ def make_split(index: DatasetIndex, preset: str, seed: int = 0, val_fraction: fl
         tr, va, te = fractions
         if va == 0.0 and val_fraction > 0.0:
             tr, va = tr * (1 - val_fraction), tr * val_fraction
-        assign = _assign_holdout(samples, root, (tr, va, te), seed)
+        assign = assign_holdout(samples, root, (tr, va, te), seed)
         split = Split(preset, seed, grouped, assign, None, val_fraction)
     elif preset == "source":
         split = _source_split(index, seed, val_fraction, grouped)
@@ -226,7 +226,7 @@ def _groups(samples: Sequence[Sample]) -> dict[str, list[int]]:
     return out
 
 
-def _assign_holdout(
+def assign_holdout(
     samples: Sequence[Sample], root: Path, fractions: tuple[float, float, float], seed: int
 ) -> dict[str, str]:
     """Greedy stratified group assignment to (train, val, test) fractions.
@@ -331,6 +331,6 @@ def _source_split(index: DatasetIndex, seed: int, val_fraction: float, grouped: 
     for role, items in by_role.items():
         assign.update({s.relkey(root): role for s in items})
     if val_fraction > 0 and not by_role.get("val"):
-        assign.update(_assign_holdout(by_role["train"], root, (1 - val_fraction, val_fraction, 0.0), seed))
+        assign.update(assign_holdout(by_role["train"], root, (1 - val_fraction, val_fraction, 0.0), seed))
     notes = [f"excluded source split {k} ({v} images)" for k, v in sorted(excluded.items())]
     return Split("source", seed, grouped, assign, None, val_fraction, notes)

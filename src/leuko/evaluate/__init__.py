@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from leuko.evaluate.calibration import (
+from leuko.run.calibration import (  # re-exported: evaluation reads calibration too
     ReliabilityBins,
     ece,
     fit_temperature,

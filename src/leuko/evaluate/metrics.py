@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from leuko.errors import LeukoError
-from leuko.evaluate.calibration import DEFAULT_BINS, _check_probs, check_probs_targets, ece
+from leuko.run.calibration import DEFAULT_BINS, _check_probs, check_probs_targets, ece
 
 if TYPE_CHECKING:
     import pandas

@@ -30,86 +30,13 @@ import yaml
 
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.evaluate.calibration import softmax
+from leuko.run.calibration import softmax
 from leuko.evaluate.metrics import classification_report_text, compute_metrics, predictions_frame
-from leuko.runs import RunFolder
+from leuko.data.classmap import ClassMap, map_probs
+from leuko.infer.route import describe_route, route_summary
+from leuko.run.folder import RunFolder
 
 log = logging.getLogger("leuko.evaluate")
-
-
-SHIPPED_ALIASES = {"pbc-to-bccd": "pbc-to-five"}
-"""Older names of shipped class maps: ``pbc-to-bccd`` was named for the one five-type lab on disk."""
-
-
-@dataclass
-class ClassMap:
-    """How model classes become target classes."""
-
-    merge: dict[str, str] = field(default_factory=dict)
-    exclude: list[str] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ClassMap":
-        """Read a class map file, or a shipped one by name (``pbc-to-five``, alias ``pbc-to-bccd``)."""
-        p = Path(path)
-        if not p.is_file():
-            from leuko.recipes import RECIPES_DIR
-
-            name = SHIPPED_ALIASES.get(str(path), str(path))
-            shipped = RECIPES_DIR / "classmaps" / f"{name}.yaml"
-            if not shipped.is_file():
-                names = sorted([q.stem for q in (RECIPES_DIR / "classmaps").glob("*.yaml")] + list(SHIPPED_ALIASES))
-                raise LeukoError(f"class map not found: {p} (shipped maps: {', '.join(names)})")
-            p = shipped
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise LeukoError(f"class map {p} is not valid YAML/JSON: {exc}") from None
-        if not isinstance(raw, dict) or set(raw) - {"merge", "exclude"}:
-            raise LeukoError(f"class map {p} must have only 'merge' (mapping) and 'exclude' (list) keys")
-        merge = raw.get("merge") or {}
-        exclude = raw.get("exclude") or []
-        if not isinstance(merge, dict) or not isinstance(exclude, list):
-            raise LeukoError(f"class map {p}: 'merge' must be a mapping and 'exclude' a list")
-        return cls({str(k): str(v) for k, v in merge.items()}, [str(x) for x in exclude])
-
-    def matrix(self, model_classes: list[str], target_classes: list[str]) -> tuple[np.ndarray, list[str]]:
-        """``(M, notes)``: target probabilities = renormalised ``probs @ M`` (M is model x target)."""
-        unknown = sorted((set(self.merge) | set(self.exclude)) - set(model_classes))
-        if unknown:
-            raise LeukoError(f"class map names {unknown}, which the model does not have ({model_classes})")
-        bad_targets = sorted(set(self.merge.values()) - set(target_classes))
-        if bad_targets:
-            raise LeukoError(f"class map merges into {bad_targets}, which the evaluation data does not have ({target_classes})")
-        lacking = sorted(set(target_classes) - {self.merge.get(c, c) for c in model_classes if c not in self.exclude})
-        if lacking:
-            raise LeukoError(
-                f"the data has classes the model cannot predict: {lacking} (model classes: {model_classes})"
-            )
-        m = np.zeros((len(model_classes), len(target_classes)))
-        notes = []
-        t_index = {c: i for i, c in enumerate(target_classes)}
-        for i, c in enumerate(model_classes):
-            if c in self.exclude:
-                notes.append(f"model class {c!r} excluded from the argmax")
-                continue
-            target = self.merge.get(c, c)
-            if target not in t_index:
-                raise LeukoError(
-                    f"model class {c!r} is not in the evaluation data; merge it (merge: {{{c}: <class>}}) or exclude it in a class map"
-                )
-            if target != c:
-                notes.append(f"model class {c!r} merged into {target!r}")
-            m[i, t_index[target]] = 1.0
-        return m, notes
-
-
-def map_probs(probs: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Target-class probabilities: merged classes add up, excluded ones drop out, rows renormalised."""
-    out = probs @ m
-    s = out.sum(axis=1, keepdims=True)
-    s[s <= 0] = 1.0
-    return out / s
 
 
 def _same_dataset(run_root: str | None, data_root: Path) -> bool:
@@ -149,8 +76,8 @@ def evaluate_run(
     """
     from leuko.data import load_dataset
     from leuko.infer import load_predictor
-    from leuko.train.config import load_config
-    from leuko.train.data import prepare_data
+    from leuko.run.config import load_config
+    from leuko.run.data import prepare_data
 
     run = RunFolder.open(run_dir)
     out_dir = Path(out) if out is not None else default_eval_dir(run.path, data, split, tta=tta)
@@ -172,6 +99,12 @@ def evaluate_run(
         samples = index.samples
         target_classes = index.classes
         source = f"{index.root} (all {len(samples)} samples, layout {index.layout})"
+        used = run.finetuned_cells(index.root)
+        if used:  # a run fine-tuned on this lab is scored on the cells it never learned from or calibrated on
+            samples = [s for s in samples if s.relkey(index.root) not in used]
+            source = (f"{index.root} ({len(samples)} samples, layout {index.layout}; the {len(index.samples) - len(samples)} "
+                      "cells the run was fine-tuned or calibrated on are left out)")
+            echo(f"leaving out the {len(index.samples) - len(samples)} cells {run.path.name} was fine-tuned or calibrated on")
         own_data = False
     if not samples:
         raise LeukoError(f"no images to evaluate in the {split!r} part")
@@ -242,30 +175,6 @@ def review_summary(predictor: Any, pred: Any, correct: np.ndarray) -> dict[str, 
         "unlike_training": float(unlike.mean()) if n else 0.0,
         "accepted_accuracy": float(np.asarray(correct)[accepted].mean()) if accepted.any() else None,
     }
-
-
-def route_summary(answered_by: Sequence[str], correct: np.ndarray, red_cell_ratio: np.ndarray | None = None) -> dict[str, Any]:
-    """A routed run (:mod:`leuko.infer.route`): per network, the share of images it answered and its accuracy
-    there; and the batch's magnification check (:func:`~leuko.infer.route.lab_magnification`)."""
-    from leuko.infer.route import lab_magnification
-
-    by = np.asarray(answered_by)
-    correct = np.asarray(correct, bool)
-    out: dict[str, Any] = {}
-    for name in ("home", "robust"):
-        m = by == name
-        out[name] = {"n": int(m.sum()), "share": float(m.mean()) if len(by) else 0.0,
-                     "accuracy": float(correct[m].mean()) if m.any() else None}
-    out["magnification"] = lab_magnification(red_cell_ratio)
-    return out
-
-
-def describe_route(route: dict[str, Any]) -> str:
-    """:func:`route_summary` in one line: ``home network answered 97.5% (99.14% correct); robust network ...``."""
-    return "; ".join(
-        f"{name} network answered {route[name]['share']:.1%}"
-        + ("" if route[name]["accuracy"] is None else f" ({route[name]['accuracy']:.2%} correct)")
-        for name in ("home", "robust"))
 
 
 IN_LAB_KEYS: tuple[str, ...] = ("n", "accuracy", "macro_f1", "balanced_accuracy", "review", "route")

@@ -7,10 +7,20 @@ on files and folders.
 
 from __future__ import annotations
 
-from leuko.explain.gradcam import Explanation, GradCAM, RoutedGradCAM, explainer_for, explanation_png, find_target_layer, overlay
+from leuko.explain.gradcam import (
+    EXPLAINERS,
+    Explanation,
+    GradCAM,
+    RoutedGradCAM,
+    explainer_for,
+    explanation_png,
+    find_target_layer,
+    overlay,
+)
 from leuko.explain.images import ExplainResult, ExplainedImage, explain_images
 
 __all__ = [
+    "EXPLAINERS",
     "ExplainResult",
     "ExplainedImage",
     "Explanation",

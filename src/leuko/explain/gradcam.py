@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from leuko.errors import LeukoError
-from leuko.evaluate.calibration import softmax
+from leuko.run.calibration import softmax
+from leuko.run.card import ModelKind
 
 if TYPE_CHECKING:
     from leuko.data.transforms import Preprocess
@@ -479,14 +480,22 @@ class RoutedGradCAM:
         return self.explain_array(load_rgb(Path(path)), target)
 
 
-def explainer_for(predictor: "BasePredictor", *, layer: str | None = None) -> "GradCAM | RoutedGradCAM":
-    """The Grad-CAM of a predictor: :class:`RoutedGradCAM` for a routed run, else :class:`GradCAM`
-    (which refuses, in one line, a predictor without a PyTorch model, e.g. ONNX)."""
-    from leuko.infer.route import RoutedPredictor
+EXPLAINERS: dict[ModelKind, type] = {
+    ModelKind.NETWORK: GradCAM,
+    ModelKind.ENSEMBLE: GradCAM,  # the members' maps summed before the ReLU
+    ModelKind.ROUTED: RoutedGradCAM,  # the answering network's map
+}
+"""The explainer of each model kind (the card's ``kind``; :data:`leuko.infer.load.PREDICTORS` is its twin)."""
 
-    if isinstance(predictor, RoutedPredictor):
-        return RoutedGradCAM(predictor, layer=layer)
-    return GradCAM(predictor, layer=layer)  # type: ignore[arg-type]
+
+def explainer_for(predictor: "BasePredictor", *, layer: str | None = None) -> "GradCAM | RoutedGradCAM":
+    """The Grad-CAM of a predictor, chosen by its card's kind (:data:`EXPLAINERS`); a predictor without a
+    PyTorch model (ONNX) is refused in one line by :class:`GradCAM`."""
+    try:
+        cls = EXPLAINERS[predictor.kind]
+    except KeyError:
+        raise LeukoError(f"leuko cannot explain a {predictor.kind} model") from None
+    return cls(predictor, layer=layer)
 
 
 def _check_rgb(rgb: Any) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Sequence
 from leuko.data.imageio import check_image, load_rgb
 from leuko.errors import LeukoError
 from leuko.explain.gradcam import explainer_for, explanation_png
-from leuko.infer.backends import load_predictor
+from leuko.infer.load import load_predictor
 from leuko.infer.predict import collect_images
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from leuko.infer.backends import BasePredictor, ModelInput, Prediction, load_predictor
+from leuko.infer.backends import BasePredictor, ModelInput, Prediction
+from leuko.infer.load import load_predictor
 
 if TYPE_CHECKING:
-    from leuko.infer.onnx import ExportResult, OnnxPredictor, export_onnx, read_onnx_meta
+    from leuko.infer.onnx import ExportResult, OnnxPredictor, export_onnx, read_onnx_card
     from leuko.infer.predictor import Predictor, batched_logits
 
 _LAZY = {
@@ -24,7 +25,7 @@ _LAZY = {
     "OnnxPredictor": "leuko.infer.onnx",
     "ExportResult": "leuko.infer.onnx",
     "export_onnx": "leuko.infer.onnx",
-    "read_onnx_meta": "leuko.infer.onnx",
+    "read_onnx_card": "leuko.infer.onnx",
 }
 
 

@@ -38,7 +38,8 @@ from leuko.data.imageio import check_image
 from leuko.data.preprocess import Normalize, Preprocess, available_cpus, build_preprocess, decode_sample
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.evaluate.calibration import softmax
+from leuko.run.calibration import softmax
+from leuko.run.card import ModelCard, ModelKind
 from leuko.infer.review import ReviewPolicy
 
 ForwardFn = Callable[[np.ndarray], np.ndarray]
@@ -279,9 +280,9 @@ class BasePredictor:
     Subclasses set up their runtime and implement :meth:`_forward`.
 
     Attributes:
-        meta: the model metadata (everything in ``model.pt`` but the weights).
+        card: the model card (:class:`~leuko.run.card.ModelCard`, everything in ``model.pt`` but the weights).
         classes: class names in output order.
-        input: ``meta["input"]`` (size, resize mode, preprocessing, mean, std).
+        input: the card's input (size, resize mode, preprocessing, mean, std) as a mapping.
         temperature: applied to the logits before the softmax (1.0 = uncalibrated).
         model_input: the preprocessing built from :attr:`input`.
     """
@@ -290,16 +291,18 @@ class BasePredictor:
 
     def __init__(
         self,
-        meta: Mapping[str, Any],
+        card: ModelCard,
         *,
         batch_size: int = 64,
         temperature: float | None = None,
         num_workers: int | None = None,
     ) -> None:
-        self.meta: dict[str, Any] = dict(meta)
-        self.classes: list[str] = [str(c) for c in self.meta["classes"]]
-        self.input: dict[str, Any] = dict(self.meta["input"])
-        self.temperature = float(self.meta.get("temperature", 1.0) if temperature is None else temperature)
+        if card.input is None:
+            raise LeukoError(f"a {card.kind} model does not classify cell images")
+        self.card = card
+        self.classes: list[str] = list(card.classes)
+        self.input: dict[str, Any] = card.input.model_dump(mode="json")
+        self.temperature = float(card.temperature if temperature is None else temperature)
         if not np.isfinite(self.temperature) or self.temperature <= 0:
             raise LeukoError(f"temperature must be a positive number; got {self.temperature}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -307,6 +310,16 @@ class BasePredictor:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.model_input = ModelInput.from_meta(self.input)
+
+    @property
+    def kind(self) -> ModelKind:
+        """What this predictor runs (picks the explainer: :data:`leuko.explain.EXPLAINERS`)."""
+        return self.card.kind
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The card as the plain mapping stored in ``model.pt`` (for JSON answers and reports)."""
+        return self.card.to_meta()
 
     @property
     def image_size(self) -> int:
@@ -360,7 +373,7 @@ class BasePredictor:
     @property
     def review_policy(self) -> ReviewPolicy:
         """The review policy stored with the model (:mod:`leuko.infer.review`)."""
-        return ReviewPolicy.from_meta(self.meta)
+        return ReviewPolicy.from_card(self.card)
 
     def review_checks(self, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
         """Per row of ``pred``, ``(low confidence, unlike the training data)`` by this model's review policy.
@@ -380,42 +393,10 @@ class BasePredictor:
 
     def describe(self) -> str:
         """One line: backend, architecture, classes, input."""
-        spec = self.meta.get("model") or {}
-        members = spec.get("members") or []
-        name = (f"ensemble of {len(members)} ({', '.join(dict.fromkeys(str(m.get('name')) for m in members))})"
-                if members else spec.get("name", "?"))
         return (
-            f"{self.backend}: {name}, {len(self.classes)} classes, "
+            f"{self.backend}: {self.card.model.display_name}, {len(self.classes)} classes, "
             f"{self.image_size}px {self.input.get('resize', 'stretch')}, T={self.temperature:.3f}"
         )
-
-
-def load_predictor(path: str | Path, **kwargs: Any) -> BasePredictor:
-    """The predictor for ``path``: :class:`OnnxPredictor` for a ``.onnx`` file, else :class:`Predictor`.
-
-    A run folder or ``model.pt`` runs in PyTorch; an exported ``.onnx`` runs in
-    onnxruntime without importing torch. Both have the same interface
-    (``classes``, ``input``, ``temperature``, ``meta``, ``image_size``,
-    ``predict_paths``, ``predict_samples``, ``predict_arrays``).
-
-    Args:
-        kwargs: ``batch_size``, ``temperature``, ``num_workers`` and ``device``
-            (``"cpu"``/``"cuda"``/``None``), for either backend.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise LeukoError(f"no such run folder or model file: {p}")
-    if p.is_file() and p.suffix.lower() == ".onnx":
-        from leuko.infer.onnx import OnnxPredictor
-
-        return OnnxPredictor(p, **kwargs)
-    from leuko.infer.route import RoutedPredictor, is_routed
-
-    if is_routed(p):
-        return RoutedPredictor(p, **kwargs)
-    from leuko.infer.predictor import Predictor
-
-    return Predictor(p, **kwargs)
 
 
 __all__ = [
@@ -428,7 +409,6 @@ __all__ = [
     "array_loader",
     "forward_logits",
     "iter_batches",
-    "load_predictor",
     "run_batches",
     "sample_loader",
     "tta_views",

@@ -34,6 +34,7 @@ import numpy as np
 from leuko.data.preprocess import available_cpus
 from leuko.errors import LeukoError
 from leuko.infer.backends import BasePredictor
+from leuko.run.card import ModelCard
 
 META_KEY = "leuko"
 """The metadata key holding the full model metadata as JSON."""
@@ -55,18 +56,20 @@ OUTPUT_NAME = "logits"
 # --------------------------------------------------------------------------- #
 
 
-def onnx_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
-    """The ONNX ``metadata_props`` for a model's metadata (see the module docstring)."""
-    full = {k: v for k, v in meta.items() if k != "state_dict"}
-    inp = full["input"]
+def onnx_metadata(card: ModelCard) -> dict[str, str]:
+    """The ONNX ``metadata_props`` for a model's card (see the module docstring)."""
+    full = card.to_meta()
+    inp = card.input
+    if inp is None:
+        raise LeukoError(f"a {card.kind} model cannot be exported as a classifier")
     readable: dict[str, Any] = {
-        "classes": list(full["classes"]),
-        "temperature": float(full.get("temperature", 1.0)),
-        "image_size": int(inp["image_size"]),
-        "mean": list(inp["mean"]),
-        "std": list(inp["std"]),
-        "preprocess": list(inp.get("preprocess") or []),
-        "resize": inp.get("resize", "stretch"),
+        "classes": list(card.classes),
+        "temperature": float(card.temperature),
+        "image_size": int(inp.image_size),
+        "mean": list(inp.mean),
+        "std": list(inp.std),
+        "preprocess": list(inp.preprocess),
+        "resize": inp.resize,
     }
     props = {META_KEY: json.dumps(full, default=str, allow_nan=False)}
     for key in READABLE_KEYS:
@@ -75,8 +78,8 @@ def onnx_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
     return props
 
 
-def meta_from_props(props: Mapping[str, str], source: Path | str) -> dict[str, Any]:
-    """The model metadata stored by :func:`onnx_metadata`, checked; ``source`` names the file in errors."""
+def card_from_props(props: Mapping[str, str], source: Path | str) -> ModelCard:
+    """The model card stored by :func:`onnx_metadata`, checked; ``source`` names the file in errors."""
     raw = props.get(META_KEY)
     if raw is None:
         raise LeukoError(
@@ -92,11 +95,11 @@ def meta_from_props(props: Mapping[str, str], source: Path | str) -> dict[str, A
     missing = [k for k in ("image_size", "mean", "std") if k not in meta["input"]]
     if missing:
         raise LeukoError(f"{source}: the leuko metadata's input lacks {', '.join(missing)}")
-    return meta
+    return ModelCard.from_meta(meta, source=source)
 
 
-def read_onnx_meta(path: str | Path) -> dict[str, Any]:
-    """The leuko metadata of an exported ``.onnx`` file (without loading the weights into a runtime)."""
+def read_onnx_card(path: str | Path) -> ModelCard:
+    """The model card of an exported ``.onnx`` file (without loading the weights into a runtime)."""
     import onnx
 
     p = Path(path).expanduser()
@@ -106,7 +109,7 @@ def read_onnx_meta(path: str | Path) -> dict[str, Any]:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises its own DecodeError, onnx others
         raise LeukoError(f"{p} is not an ONNX model ({_first_line(exc)})") from None
-    return meta_from_props({m.key: m.value for m in model.metadata_props}, p)
+    return card_from_props({m.key: m.value for m in model.metadata_props}, p)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,7 +131,7 @@ class ExportResult:
     opset: int
     max_abs_diff: float | None
     """Largest |logit difference| between onnxruntime and PyTorch on a random batch (None: not verified)."""
-    meta: dict[str, Any]
+    card: ModelCard
 
 
 def export_onnx(
@@ -173,11 +176,11 @@ def export_onnx(
     import onnx
     import torch
 
-    from leuko.runs import load_model
+    from leuko.run.folder import load_model
 
-    model, meta = load_model(src)
+    model, card = load_model(src)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    size = int(meta["input"]["image_size"])
+    size = card.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -198,12 +201,12 @@ def export_onnx(
         )
         expected = model(example).numpy()
     proto = onnx.load_from_string(buf.getvalue())
-    for key, value in onnx_metadata(meta).items():
+    for key, value in onnx_metadata(card).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "leuko"
     proto.doc_string = (
-        f"leuko white-cell classifier ({meta['model'].get('name', '?')}, {len(meta['classes'])} classes): "
+        f"leuko white-cell classifier ({card.model.display_name}, {len(card.classes)} classes): "
         f"input float32 N x 3 x {size} x {size}, normalised with the metadata's mean/std; output raw logits, "
         "divide by 'temperature' before the softmax."
     )
@@ -225,8 +228,7 @@ def export_onnx(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    full = {k: v for k, v in meta.items() if k != "state_dict"}
-    return ExportResult(target, target.stat().st_size, int(opset), diff, full)
+    return ExportResult(target, target.stat().st_size, int(opset), diff, card)
 
 
 # --------------------------------------------------------------------------- #
@@ -290,8 +292,8 @@ class OnnxPredictor(BasePredictor):
             self.session = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own InvalidProtobuf, Fail, ...
             raise LeukoError(f"{p} is not an ONNX model onnxruntime can load ({_first_line(exc)})") from None
-        meta = meta_from_props(self.session.get_modelmeta().custom_metadata_map, p)
-        super().__init__(meta, batch_size=batch_size, temperature=temperature, num_workers=num_workers)
+        card = card_from_props(self.session.get_modelmeta().custom_metadata_map, p)
+        super().__init__(card, batch_size=batch_size, temperature=temperature, num_workers=num_workers)
         self._check_signature()
 
     def _check_signature(self) -> None:
@@ -320,7 +322,7 @@ __all__ = [
     "ExportResult",
     "OnnxPredictor",
     "export_onnx",
-    "meta_from_props",
+    "card_from_props",
     "onnx_metadata",
-    "read_onnx_meta",
+    "read_onnx_card",
 ]

@@ -18,7 +18,7 @@ import pandas as pd
 
 from leuko.data.imageio import is_image_name
 from leuko.errors import LeukoError
-from leuko.infer.backends import load_predictor
+from leuko.infer.load import load_predictor
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:

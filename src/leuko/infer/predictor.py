@@ -19,7 +19,7 @@ from leuko.data.samples import Sample
 from leuko.data.transforms import Transform, build_transforms
 from leuko.errors import LeukoError
 from leuko.infer.backends import BasePredictor, LoadFn, ModelInput, Prediction, run_batches, sample_loader
-from leuko.runs import load_model
+from leuko.run.folder import load_model
 
 __all__ = ["Prediction", "Predictor", "batched_logits"]
 
@@ -49,8 +49,8 @@ class Predictor(BasePredictor):
         temperature: float | None = None,
         num_workers: int | None = None,
     ) -> None:
-        model, meta = load_model(run)
-        super().__init__(meta, batch_size=batch_size, temperature=temperature, num_workers=num_workers)
+        model, card = load_model(run)
+        super().__init__(card, batch_size=batch_size, temperature=temperature, num_workers=num_workers)
         self.model = model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device, memory_format=torch.channels_last).eval()

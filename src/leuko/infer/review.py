@@ -18,18 +18,21 @@ both decided from the logits alone so the PyTorch and ONNX backends agree:
 
 The policy is stored in ``model.pt`` (meta key ``review``) and copied into
 ONNX metadata with the rest of the meta. Runs trained without a validation
-split have no fitted policy; :meth:`ReviewPolicy.from_meta` then falls back to
+split have no fitted policy; :meth:`ReviewPolicy.from_record` then falls back to
 a 0.5 confidence threshold and no energy check, and says so in ``chosen_on``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from leuko.errors import LeukoError
+
+if TYPE_CHECKING:
+    from leuko.run.card import ModelCard
 
 DEFAULT_TARGET_ACCURACY = 0.99
 DEFAULT_OOD_QUANTILE = 0.99
@@ -58,9 +61,13 @@ class ReviewPolicy:
         return asdict(self)
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "ReviewPolicy":
+    def from_card(cls, card: "ModelCard") -> "ReviewPolicy":
         """The policy stored with a model, or the documented fallback when it has none."""
-        raw = meta.get("review")
+        return cls.from_record(card.review)
+
+    @classmethod
+    def from_record(cls, raw: Mapping[str, Any] | None) -> "ReviewPolicy":
+        """The policy from its own record (:meth:`to_dict`, a card's ``review``), or the fallback for ``None``."""
         if not raw:
             return cls(FALLBACK_THRESHOLD, None, DEFAULT_TARGET_ACCURACY, "default (the run had no validation split to choose on)")
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})

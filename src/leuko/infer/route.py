@@ -48,9 +48,11 @@ from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.infer.backends import BasePredictor, Prediction, array_loader, iter_batches, sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
-from leuko.runs import HOME_FILE, ROUTE_FILE, is_routed
+from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelKind
+from leuko.run.folder import is_routed
 
-__all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "is_routed", "lab_magnification"]
+__all__ = ["HOME_FILE", "ROUTE_FILE", "RoutedPredictor", "SmearGate", "SmearView", "describe_route", "is_routed",
+           "lab_magnification", "route_summary"]
 
 _VIEW_SIZE = 128
 _VIEW_SHARE = 0.7
@@ -285,9 +287,10 @@ class SmearGate:
 class RoutedPredictor(BasePredictor):
     """Two networks of one run and the per-image choice between them (see the module docstring).
 
-    Has the interface of the single-network predictors (``classes``, ``meta``,
-    ``input``, ``temperature``, ``model_input``, ``predict_*``); ``meta``,
-    ``input``, ``temperature`` and ``model_input`` are the robust network's.
+    Has the interface of the single-network predictors (``classes``, ``card``,
+    ``input``, ``temperature``, ``model_input``, ``predict_*``); ``card`` (of
+    kind ``routed``), ``input``, ``temperature`` and ``model_input`` are the
+    robust network's.
     Each :class:`Prediction` row comes from one network, named in
     ``answered_by``, and is reviewed by that network's own policy
     (:meth:`review_checks`).
@@ -306,9 +309,9 @@ class RoutedPredictor(BasePredictor):
         path = Path(run).expanduser()
         self.robust = Predictor(path / "model.pt", **kwargs)
         self.home = Predictor(path / HOME_FILE, **kwargs)
-        super().__init__(self.robust.meta, batch_size=self.robust.batch_size, temperature=self.robust.temperature,
-                         num_workers=self.robust.num_workers)
-        raw = self.meta.get("route")
+        super().__init__(self.robust.card.with_(kind=ModelKind.ROUTED), batch_size=self.robust.batch_size,
+                         temperature=self.robust.temperature, num_workers=self.robust.num_workers)
+        raw = self.card.route
         if not raw:
             raise LeukoError(f"{path / 'model.pt'} has no route: {path} is not a routed run (rebuild it with leuko route)")
         if self.home.classes != self.robust.classes:
@@ -415,3 +418,25 @@ class RoutedPredictor(BasePredictor):
     def describe(self) -> str:
         return (f"routed: home [{self.home.describe()}] where the smear's colour and red-cell size are the home lab's"
                 f"{' and the home network knows the image' if self.use_energy else ''}, else robust [{self.robust.describe()}]")
+
+
+def route_summary(answered_by: Sequence[str], correct: np.ndarray, red_cell_ratio: np.ndarray | None = None) -> dict[str, Any]:
+    """A routed run (:mod:`leuko.infer.route`): per network, the share of images it answered and its accuracy
+    there; and the batch's magnification check (:func:`~leuko.infer.route.lab_magnification`)."""
+    by = np.asarray(answered_by)
+    correct = np.asarray(correct, bool)
+    out: dict[str, Any] = {}
+    for name in ("home", "robust"):
+        m = by == name
+        out[name] = {"n": int(m.sum()), "share": float(m.mean()) if len(by) else 0.0,
+                     "accuracy": float(correct[m].mean()) if m.any() else None}
+    out["magnification"] = lab_magnification(red_cell_ratio)
+    return out
+
+
+def describe_route(route: dict[str, Any]) -> str:
+    """:func:`route_summary` in one line: ``home network answered 97.5% (99.14% correct); robust network ...``."""
+    return "; ".join(
+        f"{name} network answered {route[name]['share']:.1%}"
+        + ("" if route[name]["accuracy"] is None else f" ({route[name]['accuracy']:.2%} correct)")
+        for name in ("home", "robust"))

@@ -11,7 +11,7 @@ that mean is the normalised geometric mean of the members' calibrated
 probabilities; its energy (``-logsumexp``) stays meaningful, so the review
 policy's "unlike the training data" check works as for one network. The
 ensemble gets its own temperature and review thresholds on the validation
-split when it is built (:func:`leuko.train.ensemble.build_ensemble_run`).
+split when it is built (:func:`leuko.derive.ensemble.build_ensemble_run`).
 
 Members must read images the same way (size, resize, preprocessing,
 normalisation): one input tensor feeds them all.

@@ -33,16 +33,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from leuko.errors import LeukoError
+from leuko.models.info import ModelInfo
 
-if TYPE_CHECKING:
-    from leuko.models.registry import ModelInfo
 
 __all__ = [
     "BUNDLED",

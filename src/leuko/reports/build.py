@@ -39,7 +39,8 @@ import pandas as pd
 from leuko.errors import LeukoError
 from leuko.reports.content import Cell, Code, Figure, Report, Section, Table, Text, fmt, metric_cell
 from leuko.reports.render import render_html, render_markdown
-from leuko.runs import ENSEMBLE_FILE, ROUTE_FILE, RunFolder, is_routed
+from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelCard, ModelKind, NetworkSpec
+from leuko.run.folder import ENSEMBLE_FILE, RunFolder, kind_of
 
 Echo = Callable[[str], None]
 
@@ -93,7 +94,7 @@ def load_or_evaluate(
         and preds_file.is_file()
         and (not run.model.is_file() or metrics_file.stat().st_mtime >= run.model.stat().st_mtime)
         # a routed run's evaluation must say which network answered each image (older ones did not)
-        and (not is_routed(run.path) or "answered_by" in _csv_header(preds_file))
+        and (kind_of(run.path) is not ModelKind.ROUTED or "answered_by" in _csv_header(preds_file))
     )
     if fresh:
         echo(f"reusing the evaluation in {out_dir}")
@@ -177,41 +178,36 @@ def _split_key(key: str) -> tuple[Path, tuple[int, int, int, int] | None]:
 # --------------------------------------------------------------------------- sections
 
 
-def _model_name(meta: dict[str, Any]) -> str:
+def _model_name(spec: NetworkSpec) -> str:
     """``efficientnet_lite0 (head linear, weights bundled)``; an ensemble lists its members' (``2 x ...``)."""
-    spec = meta.get("model", {})
-    members = spec.get("members")
-    if members:
-        names = [_model_name({"model": m}) for m in members]
+    if spec.members:
+        names = [_model_name(NetworkSpec.model_validate(m)) for m in spec.members]
         return f"ensemble of {len(names)}: " + ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
-    return f"{spec.get('name')} (head {spec.get('head')}, weights {spec.get('pretrained')})"
+    return f"{spec.name} (head {spec.head}, weights {spec.pretrained})"
 
 
-def _networks(predictor: Any) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(title, model file, meta)`` of each network: one, or a routed run's home and robust networks."""
-    from leuko.infer.route import RoutedPredictor
-    from leuko.runs import HOME_FILE
-
-    if isinstance(predictor, RoutedPredictor):
-        return [("home network", HOME_FILE, dict(predictor.home.meta)), ("robust network", "model.pt", dict(predictor.robust.meta))]
-    return [("model", "model.pt", dict(predictor.meta))]
+def _networks(predictor: Any) -> list[tuple[str, str, ModelCard]]:
+    """``(title, model file, card)`` of each network: one, or a routed run's home and robust networks."""
+    if predictor.kind is ModelKind.ROUTED:
+        return [("home network", HOME_FILE, predictor.home.card), ("robust network", "model.pt", predictor.robust.card)]
+    return [("model", "model.pt", predictor.card)]
 
 
 def _overview(run: RunFolder, predictor: Any, ev: Evaluation) -> Section:
     m = ev.metrics
-    meta = dict(predictor.meta)
+    card: ModelCard = predictor.card
     ci = (m.get("ci95") or {}).get("accuracy") or [None, None]
     networks = _networks(predictor)
     routed = len(networks) > 1
     models: list[tuple[str, Any]] = (
         [("model", "routed: the home network where the smear is the home lab's, the robust one elsewhere"),
-         *[(title, _model_name(net_meta)) for title, _, net_meta in networks]]
-        if routed else [("model", _model_name(meta))]
+         *[(title, _model_name(net.model)) for title, _, net in networks]]
+        if routed else [("model", _model_name(card.model))]
     )
     rows: list[tuple[str, Any]] = [
         ("run folder", str(run.path)),
         *models,
-        ("classes", ", ".join(meta.get("classes", []))),
+        ("classes", ", ".join(card.classes)),
         ("evaluated on", (m.get("data") or {}).get("source", "n/a")),
         ("images evaluated", int(m.get("n", 0))),
         ("accuracy", metric_cell("accuracy", m.get("accuracy"))),
@@ -220,7 +216,7 @@ def _overview(run: RunFolder, predictor: Any, ev: Evaluation) -> Section:
         ("ECE (calibrated)", metric_cell("ece", m.get("ece"))),
     ]
     if routed and m.get("route"):
-        from leuko.evaluate.run import describe_route
+        from leuko.infer.route import describe_route
 
         rows.append(("route", describe_route(m["route"])))
     blocks: list[Any] = [_kv_table(rows)]
@@ -263,7 +259,7 @@ def _model(predictor: Any, explainer: Any, run: RunFolder, ev: Evaluation) -> Se
     networks = _networks(predictor)
     if len(networks) == 1:
         return Section("Model", "model", _network_blocks(networks[0][2], explainer.layer))
-    route = run.read_json(ROUTE_FILE) if is_routed(run.path) else {}
+    route = run.read_json(ROUTE_FILE) if predictor.kind is ModelKind.ROUTED else {}
     blocks: list[Any] = [
         Text("A routed run: two networks trained on the same lab and split, and a per-image gate that decides, from "
              "the image alone, which of them answers (leuko route)."),
@@ -291,35 +287,39 @@ def _model(predictor: Any, explainer: Any, run: RunFolder, ev: Evaluation) -> Se
                 f"({int(mag['n_measured'])} images measured)" + (f": {mag['warning']}" if mag.get("warning") else "."),
                 "warning" if mag.get("warning") else "p"))
     layers = getattr(explainer, "networks", {})
-    for title, file, net_meta in networks:
+    for title, file, net in networks:
         name = title.split()[0]
         blocks.append(Text(f"The {title} ({file}):"))
-        blocks += _network_blocks(net_meta, layers[name].layer if name in layers else explainer.layer)
+        blocks += _network_blocks(net, layers[name].layer if name in layers else explainer.layer)
     return Section("Model", "model", blocks)
 
 
-def _network_blocks(meta: dict[str, Any], layer: str) -> list[Any]:
-    spec, inp = meta.get("model", {}), meta.get("input", {})
-    ensemble = meta.get("ensemble") or {}
+def _network_blocks(card: ModelCard, layer: str) -> list[Any]:
+    spec = card.model
+    inp = card.input.model_dump() if card.input else {}
+    ensemble = card.ensemble or {}
     rows: list[tuple[str, Any]] = [
-        ("architecture", _model_name(meta) if spec.get("members") else spec.get("name")),
+        ("architecture", _model_name(spec) if spec.members else spec.name),
         *([("member runs", ", ".join(ensemble["members"]))] if ensemble.get("members") else []),
         *([("member temperatures", ", ".join(f"{t:.3f}" for t in ensemble["member_temperatures"]))]
           if ensemble.get("member_temperatures") else []),
-        ("head", spec.get("head")),
-        ("dropout", spec.get("dropout")),
-        ("initial weights", spec.get("pretrained")),
+        ("head", spec.head),
+        ("dropout", spec.dropout),
+        ("initial weights", spec.pretrained),
         ("input", f"{inp.get('image_size')} px, resize {inp.get('resize', 'stretch')}, preprocess {_plain(inp.get('preprocess') or [])}"),
         ("normalisation", f"mean {_plain(inp.get('mean'))}; std {_plain(inp.get('std'))}"),
-        ("temperature", float(meta.get("temperature", 1.0))),
+        ("temperature", float(card.temperature)),
         ("Grad-CAM layer", layer),
     ]
     blocks: list[Any] = [_kv_table(rows)]
-    adapted = meta.get("adapted")
-    if adapted:
-        items = adapted.items() if isinstance(adapted, dict) else [("adapted", adapted)]
-        blocks += [Text("This model was adapted after training:", "note"), _kv_table([(str(k), v) for k, v in items], "Adaptation")]
-    else:
+    if card.finetuned:
+        blocks += [Text("This model was fine-tuned on another lab's labelled cells after training:", "note"),
+                   _kv_table([(str(k), _plain(v) if isinstance(v, (dict, list)) else v)
+                              for k, v in card.finetuned.items()], "Fine-tuning")]
+    if card.adapted:
+        blocks += [Text("This model was adapted after training:", "note"),
+                   _kv_table([(str(k), v) for k, v in card.adapted.items()], "Adaptation")]
+    elif not card.finetuned:
         blocks.append(Text("The model was not adapted to other data after training."))
     return blocks
 
@@ -328,7 +328,7 @@ def _training(run: RunFolder, ev: Evaluation, fig_dir: Path) -> Section:
     from leuko.evaluate.figures import plot_training_curves
 
     blocks: list[Any] = []
-    if is_routed(run.path):
+    if kind_of(run.path) is ModelKind.ROUTED:
         home = run.read_json(ROUTE_FILE).get("home_run")
         blocks.append(Text(f"The training record of the robust network; the home network's is in its own run folder ({home}).", "note"))
     if (run.path / ENSEMBLE_FILE).is_file():
@@ -419,11 +419,10 @@ def _evaluation(ev: Evaluation, fig_dir: Path) -> Section:
 
 
 def _calibration(run: RunFolder, predictor: Any, ev: Evaluation, fig_dir: Path) -> Section:
-    from leuko.evaluate.calibration import ece, softmax
+    from leuko.run.calibration import ece, softmax
     from leuko.evaluate.figures import plot_reliability
 
-    meta = dict(predictor.meta)
-    t = float(ev.metrics.get("temperature", meta.get("temperature", 1.0)))
+    t = float(ev.metrics.get("temperature", predictor.card.temperature))
     probs, y, _ = _probs(ev)
     cmap = ev.metrics.get("class_map") or {}
     networks = _networks(predictor)
@@ -432,8 +431,8 @@ def _calibration(run: RunFolder, predictor: Any, ev: Evaluation, fig_dir: Path) 
     blocks: list[Any] = []
     rows: list[tuple[str, Any]] = (
         [("temperature", metric_cell("temperature", t))] if len(networks) == 1 else
-        [(f"temperature, {title}", metric_cell(f"temperature:{title.split()[0]}", float(m.get("temperature", 1.0))))
-         for title, _, m in networks]
+        [(f"temperature, {title}", metric_cell(f"temperature:{title.split()[0]}", float(net.temperature)))
+         for title, _, net in networks]
     )
     summary = run.read_json("summary.json") if run.summary.is_file() else {}
     cal = summary.get("calibration")
@@ -460,8 +459,8 @@ def _calibration(run: RunFolder, predictor: Any, ev: Evaluation, fig_dir: Path) 
         path = plot_reliability(probs, y, fig_dir / "reliability.png")
         caption = "Reliability diagram of the evaluated images"
     blocks.append(Figure(path, caption + " (bars below the diagonal: over-confident)"))
-    for title, file, net_meta in networks:
-        review = net_meta.get("review")
+    for title, file, net in networks:
+        review = net.review
         if isinstance(review, dict) and review:
             flat = [(str(k), v) for k, v in review.items() if not isinstance(v, (dict, list))]
             if flat:
@@ -584,7 +583,7 @@ def build_report(
     """The report of a run as a content model; its figures are written into ``fig_dir``."""
     import leuko
     from leuko.explain.gradcam import explainer_for
-    from leuko.infer.backends import load_predictor
+    from leuko.infer.load import load_predictor
 
     run = RunFolder.open(run_dir)
     if not run.model.is_file():
@@ -593,7 +592,6 @@ def build_report(
     figs.mkdir(parents=True, exist_ok=True)
     ev = load_or_evaluate(run, data=data, layout=layout, echo=echo)
     predictor = load_predictor(run.path)
-    meta = dict(predictor.meta)
     explainer = explainer_for(predictor)
     sections = [
         _overview(run, predictor, ev),
@@ -608,12 +606,12 @@ def build_report(
     leak = _leakage(run)
     if leak is not None:
         sections.append(leak)
-    names = [str(m.get("model", {}).get("name")) for _, _, m in _networks(predictor)]
+    names = [net.model.name for _, _, net in _networks(predictor)]
     model = names[0] if len(names) == 1 else f"routed (home {names[0]}, robust {names[1]})"
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return Report(
         title=f"leuko run report: {run.path.name}",
-        subtitle=f"{model} on {len(meta.get('classes', []))} classes; accuracy "
+        subtitle=f"{model} on {len(predictor.classes)} classes; accuracy "
                  f"{fmt(ev.metrics.get('accuracy'))} on {int(ev.metrics.get('n', 0))} held-out images",
         sections=sections,
         footer=f"Written by leuko {leuko.__version__} on {now} from {run.path.resolve()}.",

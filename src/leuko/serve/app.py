@@ -16,6 +16,12 @@ and answers; there is no ``/docs``, whose viewer would come from a CDN):
   (what the page calls whenever a label changes);
 * ``GET /``: the review page (static files shipped in the package).
 
+With a store (``create_app(model, store="lab.db")``, ``leuko serve --db``)
+the service also keeps samples, cells, predictions and every review
+(:mod:`leuko.serve.routers.samples`, :mod:`leuko.serve.store`), and with
+``auth`` every call but the page's files needs a reviewer's bearer token
+(:mod:`leuko.serve.auth`).
+
 Uploads are parsed and decoded in memory with limits (:mod:`leuko.serve.uploads`);
 the model runs on one inference thread that batches concurrent requests
 (:mod:`leuko.serve.batching`), so the event loop never waits for it.
@@ -34,6 +40,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -43,7 +50,7 @@ from leuko.data.preprocess import Preprocess
 from leuko.errors import LeukoError
 from leuko.infer.backends import Prediction
 from leuko.infer.review import ReviewPolicy
-from leuko.runs import RunFolder
+from leuko.run.folder import RunFolder
 from leuko.serve.batching import MicroBatcher
 from leuko.serve.count import differential_count
 from leuko.serve.uploads import Upload, UploadError, UploadLimits, decode_upload, read_uploads
@@ -302,7 +309,7 @@ def load_service(model: str | Path, *, limits: UploadLimits | None = None, max_b
         backend=backend,
         model_file=path,
         run=_run_folder_of(path),
-        policy=ReviewPolicy.from_meta(predictor.meta),
+        policy=predictor.review_policy,
         limits=limits or UploadLimits(),
         batcher=MicroBatcher(predict_fn, max_batch=max_batch, max_wait_ms=max_wait_ms),
         preprocess=predictor.model_input.preprocess,
@@ -317,9 +324,26 @@ def create_app(
     limits: UploadLimits | None = None,
     max_batch: int = 32,
     max_wait_ms: float = 2.0,
+    store: Any = None,
+    images: str | Path | None = None,
+    auth: Any = None,
 ) -> FastAPI:
-    """The FastAPI app for one model (a run folder, its model.pt, an .onnx file, or a loaded :class:`Service`)."""
+    """The FastAPI app for one model (a run folder, its model.pt, an .onnx file, or a loaded :class:`Service`).
+
+    Args:
+        store: where samples and reviews are kept: a SQLite file, a PostgreSQL URL, or an open
+            :class:`leuko.serve.store.Store` (``None``: a stateless service, as for scripts).
+        images: the image store folder (default: beside a SQLite file; needed for PostgreSQL).
+        auth: a tokens file or :class:`leuko.serve.auth.TokenAuth`: every call then needs a bearer token.
+    """
+    from leuko.serve.auth import BearerAuth, TokenAuth
+    from leuko.serve.routers.samples import build_router, model_ref
+    from leuko.serve.store import Store, StoreError
+
+    tokens = auth if isinstance(auth, TokenAuth) or auth is None else TokenAuth.load(auth)
+    # the model first: a wrong model path must not leave a new, empty database behind
     svc = model if isinstance(model, Service) else load_service(model, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    kept = store if isinstance(store, Store) or store is None else Store.open(store, images=images)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -328,6 +352,8 @@ def create_app(
             yield
         finally:
             svc.batcher.stop()
+            if kept is not None and kept is not store:
+                kept.close()
 
     app = FastAPI(
         title="leuko",
@@ -340,6 +366,19 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = svc
+    app.state.store = kept
+    app.state.auth = tokens
+    app.state.model_ref = model_ref(svc) if kept is not None else None
+    if tokens is not None:
+        app.add_middleware(BearerAuth, auth=tokens)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _one_line_validation(exc)}, status_code=422)
 
     @app.exception_handler(UploadError)
     async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
@@ -446,8 +485,37 @@ def create_app(
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
 
+    app.include_router(build_router(with_samples=kept is not None))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if tokens is not None:
+        _document_bearer(app)
     return app
+
+
+def _one_line_validation(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line: ``action: Input should be 'accept' or 'relabel'``."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _document_bearer(app: FastAPI) -> None:
+    """With --auth, /openapi.json says every operation needs a bearer token."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer", "description": "A reviewer's token (leuko serve --auth TOKENS_FILE)."}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _explain(svc: Service, image: np.ndarray, target: str | None) -> tuple[bytes, str, float, str]:

@@ -15,31 +15,12 @@ both through :func:`differential_count`.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 from leuko.errors import LeukoError
+from leuko.fields.differential import MIN_CELLS, Z95, wilson_interval  # one home: leuko.fields.differential
 
-MIN_CELLS = 100
-"""Below this many cells a count gets a note (CLSI H20-A2 reference: 100-200 cells)."""
-
-Z95 = 1.959963984540054
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes out of ``n`` (``(0, 0)`` when ``n == 0``)."""
-    if n <= 0:
-        return 0.0, 0.0
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, n]; got k={k}, n={n}")
-    p = k / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    # exact ends for k = 0 and k = n (the formula gives them up to rounding)
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return lo, hi
+__all__ = ["MIN_CELLS", "Z95", "differential_count", "wilson_interval"]
 
 
 def differential_count(labels: Sequence[str], classes: Sequence[str], review: Sequence[bool] | None = None) -> dict[str, Any]:

@@ -48,12 +48,24 @@ def serve(
     port: int = 8000,
     limits: UploadLimits | None = None,
     max_batch: int = 32,
+    db: str | Path | None = None,
+    images: str | Path | None = None,
+    auth: str | Path | None = None,
+    insecure: bool = False,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Load ``model`` once and serve it until interrupted (blocks).
 
+    Args:
+        db: the store (a SQLite file, created if missing, or a PostgreSQL URL); ``None``: keep nothing.
+        images: the image store folder (default: beside a SQLite file).
+        auth: a tokens file (:mod:`leuko.serve.auth`): every call then needs a reviewer's token.
+        insecure: listen beyond loopback without ``auth`` anyway.
+
     Raises:
-        LeukoError: a bad port, or a model that cannot be loaded (before anything listens).
+        LeukoError: a bad port, an address beyond loopback without ``auth`` (and without
+            ``insecure``), a store or tokens file that cannot be opened, or a model that cannot
+            be loaded (before anything listens).
     """
     import uvicorn
 
@@ -61,11 +73,20 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise LeukoError(f"--port must be between 0 and 65535; got {port}")
+    if not is_loopback(host) and auth is None and not insecure:
+        raise LeukoError(f"refusing to listen on {host} without --auth: anyone who can reach this machine could read and "
+                         "change the lab's samples; give --auth TOKENS_FILE, or --insecure to do it anyway")
     _check_free(host, port)
-    app = create_app(model, limits=limits, max_batch=max_batch)
+    app = create_app(model, limits=limits, max_batch=max_batch, store=db, images=images, auth=auth)
     svc = app.state.service
     shown = f"[{host}]" if ":" in host else host
+    if app.state.store is not None:
+        st = app.state.store
+        echo(f"store: {st.display} (images in {st.images.root})")
+    if app.state.auth is not None:
+        echo(f"login: {len(app.state.auth.reviewers)} reviewer token(s) from {app.state.auth.source}")
     echo(f"serving {svc.model_file} ({svc.backend}, {len(svc.classes)} classes) at http://{shown}:{port}/  (Ctrl-C stops)")
-    if not is_loopback(host):
-        echo(f"warning: listening on {host}, not loopback: anyone who can reach this machine can use the service (no login)")
+    if not is_loopback(host) and auth is None:
+        echo(f"warning: listening on {host}, not loopback, with no login (--insecure): anyone who can reach this machine "
+             "can use the service")
     uvicorn.run(app, host=host, port=port, log_level="info", workers=1, server_header=False)

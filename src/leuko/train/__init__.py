@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from leuko.train.config import RunConfig, load_config
+from leuko.run.config import RunConfig, load_config
 from leuko.train.runner import TrainResult, train
 
 __all__ = ["RunConfig", "TrainResult", "load_config", "train"]

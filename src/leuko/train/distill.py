@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.runs import RunFolder
-from leuko.train.data import PreparedData
+from leuko.run.folder import RunFolder
+from leuko.run.data import PreparedData
 
 __all__ = ["check_teacher", "distill_loss", "heldout_seen_by", "teacher_targets"]
 
@@ -97,7 +97,7 @@ def teacher_targets(
     eight views cost one pass over the training set. ``device``: where the
     teacher runs (``None``: the GPU when there is one).
     """
-    from leuko.evaluate.calibration import softmax
+    from leuko.run.calibration import softmax
     from leuko.infer import Predictor
 
     predictor = Predictor(teacher.path, device=device)

@@ -28,10 +28,10 @@ from leuko.data.pipeline import SampleDataset, make_loader
 from leuko.data.preprocess import step_versions
 from leuko.data.samples import Sample
 from leuko.paths import cache_dir
-from leuko.runs import RunFolder
+from leuko.run.folder import RunFolder
 from leuko.train.callbacks import append_metrics_row, improves
-from leuko.train.config import RunConfig
-from leuko.train.data import PreparedData, run_transform
+from leuko.run.config import RunConfig
+from leuko.run.data import PreparedData, run_transform
 from leuko.train.module import build_optimizer, lr_factor
 
 log = logging.getLogger("leuko.train")

@@ -20,10 +20,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 
 from leuko.data.pipeline import SampleDataset, make_loader
-from leuko.runs import RunFolder
+from leuko.run.folder import RunFolder
 from leuko.train.callbacks import BestAndLastCheckpoint, EpochMetricsCSV, SaveOnInterrupt, read_checkpoint, truncate_metrics
-from leuko.train.config import RunConfig
-from leuko.train.data import PreparedData, run_transform
+from leuko.run.config import RunConfig
+from leuko.run.data import PreparedData, run_transform
 from leuko.train.module import LeukoClassifier
 
 log = logging.getLogger("leuko.train")

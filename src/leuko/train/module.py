@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leuko.train.config import RunConfig
+from leuko.run.config import RunConfig
 from leuko.train.distill import distill_loss
 
 

@@ -20,10 +20,12 @@ from typing import Any, Callable
 import torch
 
 from leuko.errors import LeukoError
+from leuko.infer.calibrate import calibrate
 from leuko.infer.review import ReviewPolicy
-from leuko.runs import RunFolder, save_model
-from leuko.train.config import RunConfig, load_config
-from leuko.train.data import PreparedData, prepare_data
+from leuko.run.card import InputSpec, ModelCard, ModelKind, NetworkSpec
+from leuko.run.folder import RunFolder, save_model
+from leuko.run.config import RunConfig, load_config
+from leuko.run.data import PreparedData, prepare_data
 
 log = logging.getLogger("leuko.train")
 
@@ -189,7 +191,7 @@ def train(
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
         if isinstance(config, RunConfig) and overrides:
-            from leuko.train.config import config_from_dict
+            from leuko.run.config import config_from_dict
 
             cfg = config_from_dict(config.model_dump(mode="json"), overrides)
         # Validate everything that can fail before creating the run folder.
@@ -261,17 +263,16 @@ def train(
 
             result = fit_lightning(model, cfg, data, run, resume=resume, teacher=teacher, echo=echo)
         if rank == 0:
-            meta = model_meta(cfg, data.classes, info, pretrained)
+            card = new_card(cfg, data.classes, info, pretrained)
             calibration = calibrate(model, cfg, data, info)
             if calibration:
-                meta["temperature"] = calibration["temperature"]
-                meta["review"] = calibration["review"]
+                card = card.with_(temperature=calibration["temperature"], review=calibration["review"])
                 echo(
                     f"calibration on {calibration['n']} validation images: temperature {calibration['temperature']:.3f}, "
                     f"ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
                 )
-                echo(ReviewPolicy.from_meta(meta).describe())
-            save_model(run.model, model, meta)
+                echo(ReviewPolicy.from_card(card).describe())
+            save_model(run.model, model, card)
             result.wall_time_s = time.perf_counter() - t0
             run.write_json("summary.json", {**result.to_dict(), "calibration": calibration})
         return result
@@ -280,62 +281,13 @@ def train(
             _teardown_logging(handler)
 
 
-def calibrate(model: torch.nn.Module, cfg: RunConfig, data: PreparedData, info: Any) -> dict[str, Any] | None:
-    """Fit a temperature and the review policy on the validation split (Guo et al. 2017); None without one.
-
-    Temperature scaling changes confidence, never the predicted class, so it
-    is always safe to apply; ``predict`` and ``evaluate`` use the stored value.
-    The review thresholds (:mod:`leuko.infer.review`) are chosen on the same
-    calibrated validation outputs.
-    """
-    if len(data.val) < 10:
-        return None
-    import numpy as np
-
-    from leuko.infer.predictor import batched_logits
-    from leuko.train.data import run_transform
-
-    transform = run_transform(cfg.data, info, train=False)
-    logits = batched_logits(model, data.val, transform, cfg.data.image_size, num_workers=cfg.data.num_workers)
-    c2i = {c: i for i, c in enumerate(data.classes)}
-    return calibrate_logits(logits, np.array([c2i[s.label] for s in data.val]))
-
-
-def calibrate_logits(logits: Any, y: Any) -> dict[str, Any]:
-    """:func:`calibrate` from validation logits already computed (an ensemble combines its members')."""
-    from leuko.evaluate.calibration import ece, fit_temperature, nll, softmax
-    from leuko.infer.review import fit_review
-
-    t = fit_temperature(logits, y)
-    before, after = softmax(logits), softmax(logits, t)
-    review = fit_review(logits, y, t, split_name="the validation split")
-    return {
-        "n": len(y),
-        "temperature": float(t),
-        "ece_before": float(ece(before, y)),
-        "ece_after": float(ece(after, y)),
-        "nll_before": float(nll(before, y)),
-        "nll_after": float(nll(after, y)),
-        "review": review.to_dict(),
-    }
-
-
-def model_meta(cfg: RunConfig, classes: list[str], info: Any, pretrained: str) -> dict[str, Any]:
-    """Everything inference needs besides the weights (stored in ``model.pt``)."""
-    return {
-        "model": {
-            "name": cfg.model.name,
-            "head": cfg.model.head,
-            "dropout": cfg.model.dropout,
-            "pretrained": pretrained,
-        },
-        "classes": list(classes),
-        "input": {
-            "image_size": cfg.data.image_size,
-            "resize": cfg.data.resize,
-            "preprocess": list(cfg.data.preprocess),
-            "mean": list(info.mean),
-            "std": list(info.std),
-        },
-        "temperature": 1.0,
-    }
+def new_card(cfg: RunConfig, classes: list[str], info: Any, pretrained: str) -> ModelCard:
+    """The card of a freshly trained network (temperature 1 until :func:`~leuko.infer.calibrate.calibrate`)."""
+    return ModelCard(
+        kind=ModelKind.NETWORK,
+        model=NetworkSpec(name=cfg.model.name, head=cfg.model.head, dropout=cfg.model.dropout, pretrained=pretrained),
+        classes=list(classes),
+        input=InputSpec(image_size=cfg.data.image_size, resize=cfg.data.resize, preprocess=list(cfg.data.preprocess),
+                        mean=tuple(info.mean), std=tuple(info.std)),
+        temperature=1.0,
+    )

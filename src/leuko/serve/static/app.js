@@ -5,6 +5,13 @@
 // the predicted class and confidence -> a person accepts or corrects labels
 // (mouse or keys) -> the differential count is asked of /count/labels on every
 // change (one home for the arithmetic and its Wilson intervals) -> export.
+//
+// With a store (leuko serve --db) the page works on samples instead: a list of
+// samples (#/), and one sample (#/samples/ID) whose cells, labels and count come
+// from the service; every accept or correction is a review event saved as it
+// happens (one at a time, in order), sign-off freezes the sample, and a cell's
+// history shows who changed what. With --auth every call carries the reviewer's
+// token (kept in this tab's sessionStorage only).
 "use strict";
 
 const IMAGE_RE = /\.(jpe?g|png|bmp|tiff?|webp)$/i;
@@ -19,14 +26,103 @@ const state = {
   count: null,        // last /count/labels answer
   countSeq: 0,
   nextId: 0,
+  who: null,          // GET /whoami: {store, auth, reviewer, model}
+  view: "work",       // "samples" (the list) or "work" (a sample, or the stateless page)
+  sample: null,       // GET /samples/ID (sample mode)
+  saveChain: Promise.resolve(),
+  saving: 0,
+  historyFor: null,
 };
+
+const sampleMode = () => !!(state.who && state.who.store);
+const signedOff = () => !!(state.sample && state.sample.status === "signed-off");
 
 const $ = (id) => document.getElementById(id);
 
 // ------------------------------------------------------------------ model
+// ------------------------------------------------------------------ talking to the service
+function token() { return sessionStorage.getItem("leuko.token") || ""; }
+
+async function api(path, opts = {}) {
+  const headers = new Headers(opts.headers || {});
+  if (state.who?.auth || token()) headers.set("Authorization", `Bearer ${token()}`);
+  const r = await fetch(path, { ...opts, headers });
+  if (r.status === 401 && state.who?.auth) showLogin(await errorText(r.clone()));
+  return r;
+}
+
+async function apiJson(path, opts = {}) {
+  const r = await api(path, opts);
+  if (!r.ok) throw new Error(await errorText(r));
+  return r.json();
+}
+
+const postJson = (path, body) => apiJson(path, {
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+});
+
+function showMessage(text, kind = "error") {
+  const m = $("message");
+  m.textContent = text || "";
+  m.className = kind;
+  m.hidden = !text;
+}
+
+function reviewerName() {
+  if (state.who?.auth) return null;  // the token names the reviewer
+  const name = $("reviewer").value.trim();
+  if (!name) {
+    showMessage("Type your name in the reviewer box (top right) first: every review is signed with it.");
+    $("reviewer").focus();
+    throw new Error("no reviewer name");
+  }
+  localStorage.setItem("leuko.reviewer", name);
+  return name;
+}
+
+async function boot() {
+  let r;
+  try {
+    r = await fetch("/whoami", { headers: token() ? { Authorization: `Bearer ${token()}` } : {} });
+  } catch (e) {
+    $("model-line").textContent = `cannot reach the service: ${e.message}`;
+    return;
+  }
+  if (r.status === 401) { state.who = { auth: true, store: true }; showLogin(token() ? await errorText(r) : ""); return; }
+  if (!r.ok) { $("model-line").textContent = `cannot reach the service: ${await errorText(r)}`; return; }
+  state.who = await r.json();
+  renderWho();
+  await loadModel();
+  if (sampleMode()) route();
+}
+
+function showLogin(why) {
+  $("login").hidden = false;
+  $("signed-in").hidden = true;
+  $("who-reviewer").hidden = true;
+  $("samples-view").hidden = true;
+  $("work").hidden = true;
+  $("model-line").textContent = "sign in with your reviewer token";
+  if (why) showMessage(why);
+  $("token").focus();
+}
+
+function renderWho() {
+  const w = state.who;
+  $("login").hidden = true;
+  $("signed-in").hidden = !w.auth;
+  $("who-reviewer").hidden = w.auth || !w.store;
+  if (w.auth) $("signed-in-name").textContent = `signed in as ${w.reviewer}`;
+  else $("reviewer").value = localStorage.getItem("leuko.reviewer") || "";
+  if (w.store) $("drop-note").textContent = "Images are kept in the lab store with this sample; each is predicted as it arrives.";
+  $("export-sample").hidden = !w.store;
+  $("export-scratch").hidden = !!w.store;
+  $("clear").hidden = !!w.store;
+}
+
 async function loadModel() {
   try {
-    const r = await fetch("/model");
+    const r = await api("/model");
     if (!r.ok) throw new Error(await errorText(r));
     state.model = await r.json();
     state.classes = state.model.classes;
@@ -58,6 +154,7 @@ function addFiles(files) {
   const images = files.filter((f) => IMAGE_RE.test(f.name));
   images.sort((a, b) => (a.webkitRelativePath || a.name).localeCompare(b.webkitRelativePath || b.name));
   const skipped = files.length - images.length;
+  if (sampleMode()) { addToSample(images, skipped); return; }
   const added = images.map((file) => ({
     id: state.nextId++, name: file.webkitRelativePath || file.name, file,
     url: URL.createObjectURL(file), result: null, label: null, reviewed: false, error: null, pending: true,
@@ -87,11 +184,294 @@ async function uploadAll(cells) {
   if (state.selected === null) select(visibleCells()[0]?.id ?? null);
 }
 
+// ------------------------------------------------------------------ samples
+const UPLOAD_BATCH = 8;
+
+async function addToSample(images, skipped) {
+  if (!state.sample) { showMessage("The sample is still loading: add the images again in a moment."); return; }
+  if (signedOff() || !images.length) return;
+  let actor;
+  try { actor = reviewerName(); } catch (_) { return; }
+  const id = state.sample.id;
+  const q = actor ? `?reviewer=${encodeURIComponent(actor)}` : "";
+  const failed = [];
+  let done = 0, dupes = 0;
+  const post = async (files) => {
+    const body = new FormData();
+    for (const f of files) body.append("files", f, f.name);
+    return apiJson(`/samples/${id}/cells${q}`, { method: "POST", body });
+  };
+  const absorb = (res) => {
+    for (const c of res.added) state.cells.push(fromServer(c));
+    dupes += res.duplicates.length;
+    renderGrid();
+  };
+  for (let i = 0; i < images.length; i += UPLOAD_BATCH) {
+    const batch = images.slice(i, i + UPLOAD_BATCH);
+    $("progress").textContent = `adding… ${done}/${images.length}`;
+    try {
+      absorb(await post(batch));
+    } catch (e) {  // one bad file refuses its batch: send them one by one, so the good ones go in
+      if (batch.length === 1) failed.push(e.message);
+      else for (const f of batch) { try { absorb(await post([f])); } catch (e1) { failed.push(e1.message); } }
+    }
+    done += batch.length;
+  }
+  await reloadSample();
+  $("progress").textContent = `${state.cells.length} cell(s)` + (dupes ? `, ${dupes} already in this sample` : "") +
+    (skipped ? `, ${skipped} non-image file(s) ignored` : "");
+  if (failed.length) showMessage(`${failed.length} file(s) not added: ${failed.join("; ")}`);
+  if (state.selected === null) select(visibleCells()[0]?.id ?? null);
+}
+
+function fromServer(c) {
+  return {
+    id: c.id, name: c.name, file: null, url: null, server: c,
+    result: { ...c.prediction, name: c.name },
+    label: c.label, reviewed: c.reviewed, error: null, pending: false,
+  };
+}
+
+function imageInto(img, cell) {
+  if (cell.url) { img.src = cell.url; return; }
+  if (!state.who?.auth) { cell.url = `/cells/${cell.id}/image`; img.src = cell.url; return; }
+  api(`/cells/${cell.id}/image`).then((r) => (r.ok ? r.blob() : null)).then((b) => {
+    if (!b) return;
+    cell.url = cell.url || URL.createObjectURL(b);
+    img.src = cell.url;
+  });
+}
+
+async function cellBlob(cell) {
+  if (cell.file) return cell.file;
+  const r = await api(`/cells/${cell.id}/image`);
+  if (!r.ok) throw new Error(await errorText(r));
+  return new File([await r.blob()], cell.name, { type: r.headers.get("Content-Type") || "image/png" });
+}
+
+function route() {
+  const m = location.hash.match(/^#\/samples\/(\d+)$/);
+  showMessage("");
+  if (m) openSample(Number(m[1]));
+  else showSamples();
+}
+
+async function showSamples() {
+  state.view = "samples";
+  state.sample = null;
+  $("samples-view").hidden = false;
+  $("work").hidden = true;
+  const f = $("sample-filter").value;
+  try {
+    const list = await apiJson("/samples" + (f ? `?status=${encodeURIComponent(f)}` : ""));
+    renderSampleList(list.samples);
+  } catch (e) {
+    showMessage(`cannot list the samples: ${e.message}`);
+  }
+  $("new-accession").focus();
+}
+
+function fmtTime(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return `${d.toLocaleDateString()} ${d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })}`;
+}
+
+function renderSampleList(samples) {
+  const body = $("sample-table").querySelector("tbody");
+  body.replaceChildren(...samples.map((s) => {
+    const tr = document.createElement("tr");
+    tr.dataset.id = s.id;
+    tr.dataset.accession = s.accession;
+    tr.className = s.status;
+    const link = document.createElement("a");
+    link.href = `#/samples/${s.id}`; link.textContent = s.accession;
+    const cells = [link, fmtTime(s.created_at), s.status, s.n_cells, s.n_reviewed, s.n_corrected, s.n_needs_review,
+                   s.signed_off_by ? `${s.signed_off_by}, ${fmtTime(s.signed_off_at)}` : ""];
+    for (const v of cells) {
+      const td = document.createElement("td");
+      if (v instanceof Node) td.append(v); else td.textContent = v;
+      tr.append(td);
+    }
+    tr.addEventListener("click", (ev) => { if (ev.target.tagName !== "A") location.hash = `#/samples/${s.id}`; });
+    return tr;
+  }));
+  $("samples-empty").hidden = samples.length > 0;
+}
+
+async function createSample(ev) {
+  ev.preventDefault();
+  const accession = $("new-accession").value.trim();
+  if (!accession) { $("new-accession").focus(); return; }
+  let reviewer;
+  try { reviewer = reviewerName(); } catch (_) { return; }
+  try {
+    const s = await postJson("/samples", { accession, reviewer });
+    $("new-accession").value = "";
+    location.hash = `#/samples/${s.id}`;
+  } catch (e) {
+    showMessage(e.message);
+  }
+}
+
+async function openSample(id) {
+  state.view = "work";
+  $("samples-view").hidden = true;
+  $("work").hidden = false;
+  $("sample-bar").hidden = false;
+  for (const c of state.cells) if (c.url && c.url.startsWith("blob:")) URL.revokeObjectURL(c.url);
+  state.cells = []; state.selected = null; state.sample = null; state.count = null;
+  renderGrid(); renderDetail();
+  try {
+    applySample(await apiJson(`/samples/${id}`));
+  } catch (e) {
+    showMessage(`cannot open sample ${id}: ${e.message}`);
+    return;
+  }
+  $("progress").textContent = `${state.cells.length} cell(s)`;
+  if (state.cells.length) select(state.cells[0].id);
+}
+
+async function reloadSample() {
+  if (state.sample) applySample(await apiJson(`/samples/${state.sample.id}`), true);
+}
+
+function applySample(detail, keep) {
+  state.sample = detail;
+  const urls = new Map(state.cells.map((c) => [c.id, c.url]));
+  state.cells = detail.cells.map((c) => ({ ...fromServer(c), url: keep ? urls.get(c.id) || null : null }));
+  state.count = detail.count;
+  renderSampleBar();
+  renderGrid();
+  renderCount();
+  renderDetail();
+}
+
+function renderSampleBar() {
+  const s = state.sample;
+  $("sample-title").textContent = s.accession;
+  $("sample-status").textContent = s.status === "signed-off" ? "signed off" : "open";
+  $("sample-status").className = `status ${s.status}`;
+  $("sample-signed").textContent = s.status === "signed-off"
+    ? `by ${s.signed_off_by}, ${fmtTime(s.signed_off_at)}: frozen (re-open to change it)` : `model ${s.model_name}`;
+  $("sign-off").hidden = s.status === "signed-off";
+  $("reopen-box").hidden = s.status !== "signed-off";
+  $("drop").hidden = s.status === "signed-off";
+  document.body.classList.toggle("frozen", s.status === "signed-off");
+}
+
+function saveReview(cell, label) {
+  // optimistic: the grid moves on at once; saves go one at a time, in order; a refusal puts the cell back
+  let reviewer;
+  try { reviewer = reviewerName(); } catch (_) { return false; }
+  const before = { label: cell.label, reviewed: cell.reviewed };
+  const body = label === cell.label
+    ? { action: "accept", label, reviewer, request_id: newId() }
+    : { action: "relabel", label, reviewer, request_id: newId() };
+  state.saving++;
+  renderSaveStatus();
+  const sampleId = state.sample.id;
+  state.saveChain = state.saveChain.then(async () => {
+    const live = () => cellById(cell.id) || cell;  // the sample may have been reloaded meanwhile (new cell objects)
+    try {
+      const res = await postJson(`/cells/${cell.id}/review`, body);
+      const c = live();
+      c.server = res.cell;
+      c.label = res.cell.label;
+      c.reviewed = res.cell.reviewed;
+      if (state.sample?.id === sampleId) { state.count = res.count; renderCount(); }
+      if (state.historyFor === cell.id) loadHistory(c);
+    } catch (e) {
+      const c = live();
+      c.label = before.label;
+      c.reviewed = before.reviewed;
+      showMessage(`not saved (${cell.name}): ${e.message}`);
+      if (state.sample?.id === sampleId) reloadSample().catch(() => {});  // signed off or changed elsewhere: show what is stored
+    } finally {
+      state.saving--;
+      if (state.sample?.id === sampleId) {
+        updateTile(live());
+        renderSummary();
+        if (state.selected === cell.id) renderDetail();
+      }
+      renderSaveStatus();
+    }
+  });
+  return true;
+}
+
+function newId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function renderSaveStatus() {
+  $("save-status").textContent = state.saving ? `saving… (${state.saving})` : "all changes saved";
+}
+
+async function signOff() {
+  let reviewer;
+  try { reviewer = reviewerName(); } catch (_) { return; }
+  await state.saveChain;
+  try {
+    applySample(await postJson(`/samples/${state.sample.id}/sign-off`, { reviewer }), true);
+    showMessage(`${state.sample.accession} signed off: its count is frozen.`, "info");
+  } catch (e) {
+    showMessage(e.message);
+  }
+}
+
+async function reopenSample() {
+  const reason = $("reopen-reason").value.trim();
+  if (!reason) { showMessage("Say why the sample is re-opened (it is kept in its history)."); $("reopen-reason").focus(); return; }
+  let reviewer;
+  try { reviewer = reviewerName(); } catch (_) { return; }
+  try {
+    applySample(await postJson(`/samples/${state.sample.id}/reopen`, { reason, reviewer }), true);
+    $("reopen-reason").value = "";
+    showMessage(`${state.sample.accession} re-opened.`, "info");
+  } catch (e) {
+    showMessage(e.message);
+  }
+}
+
+async function loadHistory(cell) {
+  state.historyFor = cell.id;
+  try {
+    const h = await apiJson(`/cells/${cell.id}/history`);
+    if (state.historyFor !== cell.id) return;
+    const p = h.cell.prediction;
+    const items = [`${fmtTime(h.cell.added_at)} · model (${state.sample?.model_name ?? "model"}): ${p.label} ` +
+                   `(${(100 * p.confidence).toFixed(0)}%)${p.review ? ", flagged for review" : ""} · added by ${h.cell.added_by}`];
+    for (const e of h.events) {
+      items.push(`${fmtTime(e.at)} · ${e.reviewer}: ` +
+                 (e.action === "accept" ? `accepted ${e.label_after}` : `${e.label_before} → ${e.label_after}`));
+    }
+    $("history-list").replaceChildren(...items.map((t) => { const li = document.createElement("li"); li.textContent = t; return li; }));
+    $("history").hidden = false;
+  } catch (e) {
+    $("history").hidden = true;
+  }
+}
+
+function download_url(path, name) {
+  api(path).then(async (r) => {
+    if (!r.ok) throw new Error(await errorText(r));
+    const a = document.createElement("a");
+    const url = URL.createObjectURL(await r.blob());
+    a.href = url; a.download = name;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }).catch((e) => showMessage(`export failed: ${e.message}`));
+}
+
 async function predictCell(cell) {
   const body = new FormData();
   body.append("files", cell.file, cell.file.name);
   try {
-    const r = await fetch("/predict?top_k=3", { method: "POST", body });
+    const r = await api("/predict?top_k=3", { method: "POST", body });
     if (!r.ok) throw new Error(await errorText(r));
     const data = await r.json();
     cell.result = data.results[0];
@@ -148,6 +528,29 @@ function setupInputs() {
                           ["export-count-csv", exportCountCsv], ["export-count-json", exportCountJson]]) {
     $(id).addEventListener("click", fn);
   }
+  // samples
+  $("new-sample").addEventListener("submit", createSample);
+  $("sample-filter").addEventListener("change", showSamples);
+  $("sign-off").addEventListener("click", (ev) => { ev.currentTarget.blur(); signOff(); });
+  $("reopen").addEventListener("click", (ev) => { ev.currentTarget.blur(); reopenSample(); });
+  $("reviewer").addEventListener("change", () => localStorage.setItem("leuko.reviewer", $("reviewer").value.trim()));
+  const sampleExport = (fmt, what, suffix) => () => state.sample &&
+    download_url(`/samples/${state.sample.id}/export?format=${fmt}&what=${what}`, `leuko-${state.sample.accession}${suffix}`);
+  $("export-sample-csv").addEventListener("click", sampleExport("csv", "cells", ".csv"));
+  $("export-sample-json").addEventListener("click", sampleExport("json", "cells", ".json"));
+  $("export-sample-events").addEventListener("click", sampleExport("csv", "events", "-events.csv"));
+  $("export-store-csv").addEventListener("click", () => download_url("/export?format=csv", "leuko-store.csv"));
+  $("export-store-json").addEventListener("click", () => download_url("/export?format=json", "leuko-store.json"));
+  $("login").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem("leuko.token", $("token").value.trim());
+    $("token").value = "";
+    showMessage("");
+    boot();
+  });
+  $("sign-out").addEventListener("click", () => { sessionStorage.removeItem("leuko.token"); location.hash = "#/"; location.reload(); });
+  window.addEventListener("hashchange", () => { if (sampleMode()) route(); });
+  window.addEventListener("beforeunload", (ev) => { if (state.saving) { ev.preventDefault(); ev.returnValue = ""; } });
 }
 
 // ------------------------------------------------------------------ cell state
@@ -168,6 +571,10 @@ const cellById = (id) => state.cells.find((c) => c.id === id);
 
 function setLabel(cell, label) {
   if (!cell || !done(cell)) return;
+  if (sampleMode()) {
+    if (signedOff()) { showMessage(`${state.sample.accession} is signed off: re-open it to change a label.`); return; }
+    if (!saveReview(cell, label)) return;
+  }
   cell.label = label;
   cell.reviewed = true;
   updateTile(cell);
@@ -187,6 +594,7 @@ function step(delta, fromList) {
 function labelAndNext(label) {
   const cell = cellById(state.selected);
   if (!cell || !done(cell)) return;
+  if (sampleMode() && (signedOff() || !state.who.auth && !$("reviewer").value.trim())) { setLabel(cell, label); return; }
   const before = visibleCells();     // the cell may leave the filtered view once reviewed
   setLabel(cell, label);
   const after = visibleCells();
@@ -224,7 +632,7 @@ function fillTile(tile, cell) {
   tile.classList.toggle("failed", !!cell.error);
   tile.replaceChildren();
   const img = document.createElement("img");
-  img.src = cell.url; img.alt = cell.name; img.loading = "lazy";
+  imageInto(img, cell); img.alt = cell.name; img.loading = "lazy";
   tile.append(img);
   const cap = document.createElement("div");
   cap.className = "cap";
@@ -272,7 +680,10 @@ function select(id) {
   }
   $("detail-cam").hidden = true;
   $("cam-status").textContent = "";
+  $("history").hidden = true;
+  state.historyFor = null;
   renderDetail();
+  if (sampleMode() && id !== null && cellById(id)) loadHistory(cellById(id));
 }
 
 function renderClassButtons() {
@@ -295,7 +706,7 @@ function renderDetail() {
   $("detail-empty").hidden = !!cell;
   $("detail-body").hidden = !cell;
   if (!cell) return;
-  $("detail-img").src = cell.url;
+  imageInto($("detail-img"), cell);
   $("detail-name").textContent = cell.name;
   const reasons = $("detail-reasons");
   reasons.replaceChildren();
@@ -320,10 +731,10 @@ function renderDetail() {
   for (const b of $("class-buttons").children) {
     const c = b.dataset.label;
     b.classList.toggle("current", done(cell) && cell.label === c);
-    b.disabled = !done(cell);
+    b.disabled = !done(cell) || signedOff();
     b.querySelector(".p").textContent = done(cell) ? `${(100 * cell.result.probs[c]).toFixed(0)}%` : "";
   }
-  $("accept").disabled = !done(cell);
+  $("accept").disabled = !done(cell) || signedOff();
 }
 
 function renderProgress() {
@@ -348,10 +759,11 @@ function renderSummary() {
 // ------------------------------------------------------------------ count
 async function refreshCount() {
   if (!state.classes.length) return;
+  if (sampleMode()) { if (state.count) renderCount(); return; }  // the service answers every review with the count
   const cells = state.cells.filter(done);
   const seq = ++state.countSeq;
   try {
-    const r = await fetch("/count/labels", {
+    const r = await api("/count/labels", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ labels: cells.map((c) => c.label), review: cells.map(needsReview) }),
@@ -369,6 +781,7 @@ async function refreshCount() {
 
 function renderCount() {
   const c = state.count;
+  if (!c) return;
   const body = $("count-table").querySelector("tbody");
   body.replaceChildren(...c.counts.map((row) => {
     const tr = document.createElement("tr");
@@ -424,10 +837,11 @@ async function explainSelected() {
   const cell = cellById(state.selected);
   if (!cell || !done(cell) || !state.model?.explain) return;
   $("cam-status").textContent = "computing Grad-CAM…";
-  const body = new FormData();
-  body.append("file", cell.file, cell.file.name);
   try {
-    const r = await fetch(`/explain?target=${encodeURIComponent(cell.label)}`, { method: "POST", body });
+    const file = await cellBlob(cell);
+    const body = new FormData();
+    body.append("file", file, file.name);
+    const r = await api(`/explain?target=${encodeURIComponent(cell.label)}`, { method: "POST", body });
     if (!r.ok) throw new Error(await errorText(r));
     const blob = await r.blob();
     if (state.selected !== cell.id) return;
@@ -504,6 +918,7 @@ function exportCountJson() {
 // ------------------------------------------------------------------ keyboard
 function onKey(ev) {
   if (ev.target.closest && ev.target.closest("input, select, textarea")) return;
+  if (state.view !== "work" || $("work").hidden) return;
   if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
   const k = ev.key;
   let handled = true;
@@ -524,5 +939,5 @@ document.addEventListener("DOMContentLoaded", () => {
   setupInputs();
   document.addEventListener("keydown", onKey);
   renderDetail();
-  loadModel();
+  boot();
 });

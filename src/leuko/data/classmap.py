@@ -1,0 +1,95 @@
+"""Class maps: how a model's classes become another dataset's (another lab's) classes.
+
+A class map (YAML or JSON)::
+
+    merge:   {ig: neutrophil}          # model class -> target class (probabilities add up)
+    exclude: [platelet, erythroblast]  # model classes removed from the argmax
+
+Target classes the model lacks are an error; model classes the target lacks must be merged or excluded.
+It lives in ``data`` because it is a fact about label sets, used by evaluation, adaptation and fine-tuning alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from leuko.errors import LeukoError
+
+
+SHIPPED_ALIASES = {"pbc-to-bccd": "pbc-to-five"}
+"""Older names of shipped class maps: ``pbc-to-bccd`` was named for the one five-type lab on disk."""
+
+
+@dataclass
+class ClassMap:
+    """How model classes become target classes."""
+
+    merge: dict[str, str] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClassMap":
+        """Read a class map file, or a shipped one by name (``pbc-to-five``, alias ``pbc-to-bccd``)."""
+        p = Path(path)
+        if not p.is_file():
+            from leuko.recipes import RECIPES_DIR
+
+            name = SHIPPED_ALIASES.get(str(path), str(path))
+            shipped = RECIPES_DIR / "classmaps" / f"{name}.yaml"
+            if not shipped.is_file():
+                names = sorted([q.stem for q in (RECIPES_DIR / "classmaps").glob("*.yaml")] + list(SHIPPED_ALIASES))
+                raise LeukoError(f"class map not found: {p} (shipped maps: {', '.join(names)})")
+            p = shipped
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LeukoError(f"class map {p} is not valid YAML/JSON: {exc}") from None
+        if not isinstance(raw, dict) or set(raw) - {"merge", "exclude"}:
+            raise LeukoError(f"class map {p} must have only 'merge' (mapping) and 'exclude' (list) keys")
+        merge = raw.get("merge") or {}
+        exclude = raw.get("exclude") or []
+        if not isinstance(merge, dict) or not isinstance(exclude, list):
+            raise LeukoError(f"class map {p}: 'merge' must be a mapping and 'exclude' a list")
+        return cls({str(k): str(v) for k, v in merge.items()}, [str(x) for x in exclude])
+
+    def matrix(self, model_classes: list[str], target_classes: list[str]) -> tuple[np.ndarray, list[str]]:
+        """``(M, notes)``: target probabilities = renormalised ``probs @ M`` (M is model x target)."""
+        unknown = sorted((set(self.merge) | set(self.exclude)) - set(model_classes))
+        if unknown:
+            raise LeukoError(f"class map names {unknown}, which the model does not have ({model_classes})")
+        bad_targets = sorted(set(self.merge.values()) - set(target_classes))
+        if bad_targets:
+            raise LeukoError(f"class map merges into {bad_targets}, which the evaluation data does not have ({target_classes})")
+        lacking = sorted(set(target_classes) - {self.merge.get(c, c) for c in model_classes if c not in self.exclude})
+        if lacking:
+            raise LeukoError(
+                f"the data has classes the model cannot predict: {lacking} (model classes: {model_classes})"
+            )
+        m = np.zeros((len(model_classes), len(target_classes)))
+        notes = []
+        t_index = {c: i for i, c in enumerate(target_classes)}
+        for i, c in enumerate(model_classes):
+            if c in self.exclude:
+                notes.append(f"model class {c!r} excluded from the argmax")
+                continue
+            target = self.merge.get(c, c)
+            if target not in t_index:
+                raise LeukoError(
+                    f"model class {c!r} is not in the evaluation data; merge it (merge: {{{c}: <class>}}) or exclude it in a class map"
+                )
+            if target != c:
+                notes.append(f"model class {c!r} merged into {target!r}")
+            m[i, t_index[target]] = 1.0
+        return m, notes
+
+
+def map_probs(probs: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Target-class probabilities: merged classes add up, excluded ones drop out, rows renormalised."""
+    out = probs @ m
+    s = out.sum(axis=1, keepdims=True)
+    s[s <= 0] = 1.0
+    return out / s

@@ -1,0 +1,335 @@
+"""``leuko cv`` and ``leuko compare``: many runs from one file, each trained, evaluated and tabulated, resumably.
+
+The studies' results are tables of runs: four networks side by side, epochs ×
+batch size, K folds with mean ± std. Both are a list of *cells*, each a full
+run config, trained into its own run folder under one output folder:
+
+    OUT/plan.json            what each cell is (its resolved config): a re-run
+                             with a different plan is refused, not mixed in
+    OUT/<cell>/              an ordinary run folder (train, evaluate, report work on it)
+    OUT/<cell>/eval/test/    its held-out evaluation (metrics.json, predictions.csv, figures)
+    OUT/compare.{csv,md,png} or OUT/cv.{csv,md,json,png}
+
+Re-running the same command resumes: a cell with a model and an evaluation
+is skipped, a cell interrupted mid-training continues from its last
+checkpoint, a cell with a model but no evaluation is only evaluated.
+
+Grid file (YAML)::
+
+    name: efficientnet-b3-grid
+    config: study-efficientnet-b3-all.yaml   # base run config (relative to this file), or
+    base: {model: {name: efficientnet_b3}}   # an inline one
+    set: [data.image_size=224]               # overrides for every cell
+    cells:                                   # named cells (optional)
+      alexnet: {model.name: alexnet}
+      vgg16: {model.name: vgg16}
+    scenarios:                               # named override sets crossed with the cells (optional)
+      s1: {train.batch_size: 64, train.lr: 1.0e-4}
+      s2: {train.batch_size: 32, train.lr: 1.0e-5}
+    grid:                                    # cartesian product (optional; crossed with cells)
+      train.epochs: [10, 20]
+      train.batch_size: [16, 32]
+    folds: 5                                 # optional: cross-validate every cell (mean ± std)
+    grouped: false                           # group K-fold (patients/subjects never straddle folds)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from leuko.errors import LeukoError
+from leuko.evaluate.tables import ROW_COLUMNS, metrics_row, write_table
+from leuko.run.folder import RunFolder
+from leuko.run.config import (
+    RunConfig,
+    config_from_dict,
+    format_validation_error,
+    merge_config,
+    nest_dotted,
+    read_yaml_mapping,
+)
+
+Echo = Callable[[str], None]
+
+#: Metrics drawn in the comparison bar chart (the four-network study's table).
+CHART_METRICS = ["accuracy", "precision", "recall", "f1"]
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    """One run of a table: its folder name, its full config and the overrides that make it differ."""
+
+    name: str
+    config: RunConfig
+    changes: dict[str, Any] = field(default_factory=dict)
+
+
+def _cell_dir(out: Path, cell: Cell) -> Path:
+    return out / cell.name
+
+
+def _plan_entry(cell: Cell) -> dict[str, Any]:
+    cfg = cell.config.model_dump(mode="json")
+    cfg["data"].pop("path", None)  # the folder may be given differently on resume (--data)
+    return cfg
+
+
+def check_plan(out: Path, cells: list[Cell], kind: str) -> None:
+    """Refuse to mix a different plan into an existing output folder; record the plan otherwise."""
+    plan_file = out / "plan.json"
+    plan = {"kind": kind, "cells": {c.name: _plan_entry(c) for c in cells}}
+    if plan_file.is_file():
+        old = json.loads(plan_file.read_text())
+        if old.get("kind") != kind:
+            raise LeukoError(f"{out} holds a '{old.get('kind')}' result, not '{kind}': choose another --out")
+        for name, entry in plan["cells"].items():
+            if name in old.get("cells", {}) and old["cells"][name] != entry:
+                diff = _first_difference(old["cells"][name], entry)
+                raise LeukoError(f"{out}/{name} was run with a different config ({diff}): choose another --out or remove that folder")
+        old.get("cells", {}).update(plan["cells"])
+        plan = {"kind": kind, "cells": old["cells"]}
+    elif out.exists() and any(out.iterdir()):
+        raise LeukoError(f"{out} exists and is not a leuko {kind} folder (no plan.json): choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = plan_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan, indent=1))
+    tmp.replace(plan_file)
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+    return f"{where}: {a!r} then, {b!r} now"
+
+
+def run_cell(
+    cell: Cell,
+    out: Path,
+    *,
+    data_path: str | Path | None = None,
+    eval_split: str = "test",
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """Train (or resume, or skip) one cell and evaluate it; returns its table row."""
+    from leuko.evaluate.run import evaluate_run
+    from leuko.train import train
+
+    from leuko.evaluate.run import default_eval_dir
+
+    run_dir = _cell_dir(out, cell)
+    metrics_file = default_eval_dir(run_dir, None, eval_split) / "metrics.json"
+    run = RunFolder(run_dir)
+    if run.model.is_file() and metrics_file.is_file():
+        echo(f"cell {cell.name}: done earlier: skipped")
+    else:
+        if run.model.is_file():
+            echo(f"cell {cell.name}: trained earlier: evaluating")
+        elif run.last_ckpt.is_file():
+            echo(f"cell {cell.name}: interrupted earlier: resuming from its last checkpoint")
+            train(None, run_dir, data_path=data_path, resume=True, echo=echo)
+        else:
+            if run_dir.exists():
+                # Started but stopped before its first checkpoint: nothing to keep but the log.
+                echo(f"cell {cell.name}: stopped before its first epoch ended earlier: starting it again")
+                shutil.rmtree(run_dir)
+            echo(f"cell {cell.name}: training")
+            train(cell.config, run_dir, data_path=data_path, echo=echo)
+        evaluate_run(run_dir, split=eval_split, echo=echo)
+    metrics = json.loads(metrics_file.read_text())
+    summary = run.read_json("summary.json") if run.summary.is_file() else {}
+    row: dict[str, Any] = {"cell": cell.name, **{k: v for k, v in cell.changes.items()}}
+    row.update(metrics_row(metrics))
+    row["n_test"] = int(metrics["n"])
+    row["epochs"] = summary.get("epochs_run")
+    row["train_time_min"] = round(float(summary.get("wall_time_s", math.nan)) / 60.0, 2)
+    return row
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+def fold_cells(config: RunConfig, folds: int, *, grouped: bool = False, prefix: str = "") -> list[Cell]:
+    """One cell per fold of a (group) K-fold split of the config's data; the split seed is shared."""
+    if folds < 2:
+        raise LeukoError(f"--folds must be at least 2; got {folds}")
+    preset = f"{'group-' if grouped else ''}kfold-{folds}"
+    base = config.model_dump(mode="json")
+    cells = []
+    for k in range(folds):
+        cfg = config_from_dict(merge_config(base, {"data": {"split": preset, "fold": k}}))
+        cells.append(Cell(f"{prefix}fold-{k}", cfg, {"fold": k}))
+    return cells
+
+
+def summarise_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Mean and sample std (ddof=1) of every headline column across folds."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key in [*ROW_COLUMNS, "train_time_min"]:
+        vals = pd.to_numeric(pd.Series([r.get(key) for r in rows]), errors="coerce").dropna()
+        if len(vals):
+            out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else None}
+    return out
+
+
+def cross_validate(
+    config: RunConfig,
+    out: str | Path,
+    folds: int,
+    *,
+    grouped: bool = False,
+    data_path: str | Path | None = None,
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """K-fold cross-validation: a run per fold, a table per fold and mean ± std (``OUT/cv.*``)."""
+    from leuko.evaluate.figures import plot_compare_bars
+    from leuko.evaluate.metrics import format_mean_std
+
+    out = Path(out)
+    cells = fold_cells(config, folds, grouped=grouped)
+    check_plan(out, cells, "cv")
+    rows = [run_cell(c, out, data_path=data_path, echo=echo) for c in cells]
+    summary = summarise_rows(rows)
+    frame = pd.DataFrame(rows)
+    mean_row = {"cell": "mean", **{k: v["mean"] for k, v in summary.items()}}
+    std_row = {"cell": "std", **{k: v["std"] for k, v in summary.items()}}
+    table = pd.concat([frame, pd.DataFrame([mean_row, std_row])], ignore_index=True)
+    notes = [f"{folds}-fold {'group ' if grouped else ''}cross-validation of {config.model.name}; "
+             "std is the sample standard deviation (ddof=1) across folds"]
+    notes += [f"{ROW_COLUMNS.get(k, k)}: {format_mean_std(v['mean'], v['std'])}" for k, v in summary.items()]
+    write_table(table, out / "cv", title=f"Cross-validation: {config.name or config.model.name}", headers=ROW_COLUMNS, notes=notes)
+    (out / "cv.json").write_text(json.dumps({"folds": rows, "summary": summary, "grouped": grouped}, indent=1))
+    chart = pd.DataFrame([{"cell": config.model.name, **{m: summary[m]["mean"] for m in CHART_METRICS},
+                           **{f"{m}_std": summary[m]["std"] for m in CHART_METRICS}}])
+    plot_compare_bars(chart, CHART_METRICS, out / "cv.png", label_column="cell", title=f"{folds}-fold mean ± std")
+    return {"folds": rows, "summary": summary, "table": table, "out": str(out)}
+
+
+# --------------------------------------------------------------------------- comparison grids
+
+
+class GridFile(BaseModel):
+    """The schema of a ``leuko compare`` file (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    config: Optional[str] = Field(None, description="Base run config, relative to the grid file.")
+    base: Optional[dict[str, Any]] = Field(None, description="Inline base run config.")
+    set: list[str] = Field(default_factory=list, description="key=value overrides for every cell.")
+    cells: Optional[dict[str, dict[str, Any]]] = None
+    scenarios: Optional[dict[str, dict[str, Any]]] = Field(None, description="Named override sets crossed with the cells (e.g. two hyper-parameter scenarios).")
+    grid: Optional[dict[str, list[Any]]] = None
+    folds: Optional[int] = Field(None, ge=2)
+    grouped: bool = False
+    eval_split: str = "test"
+    notes: list[str] = Field(default_factory=list, description="Printed under the table (e.g. what a protocol cut).")
+
+    @field_validator("cells", "scenarios", "grid")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        if v is not None and not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+def _label(key: str, value: Any) -> str:
+    return _SAFE.sub("_", f"{key.rsplit('.', 1)[-1]}-{value}")
+
+
+def load_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[GridFile, list[Cell]]:
+    """Read a grid file and expand it into cells (named cells × grid product)."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "grid")
+    if not {"cells", "scenarios", "grid"} & set(raw):
+        raise LeukoError(f"{path} has no 'cells', 'scenarios' or 'grid': it looks like a run config; use 'leuko train {path}'")
+    try:
+        spec = GridFile.model_validate(raw)
+    except ValidationError as exc:
+        raise LeukoError(format_validation_error(exc).replace("invalid config", f"invalid grid {path}")) from None
+    if spec.config and spec.base:
+        raise LeukoError(f"grid {path}: give either 'config' (a file) or 'base' (inline), not both")
+    base = read_yaml_mapping(path.parent / spec.config) if spec.config else dict(spec.base or {})
+    named = list((spec.cells or {"": {}}).items())
+    scenarios = list((spec.scenarios or {"": {}}).items())
+    keys = list((spec.grid or {}).keys())
+    for k, vals in (spec.grid or {}).items():
+        if not isinstance(vals, list) or not vals:
+            raise LeukoError(f"grid {path}: '{k}' must list at least one value")
+    combos = list(itertools.product(*[(spec.grid or {})[k] for k in keys])) or [()]
+    cells: list[Cell] = []
+    for (cell_name, cell_set), (sc_name, sc_set), combo in itertools.product(named, scenarios, combos):
+        changes = {**sc_set, **cell_set, **dict(zip(keys, combo))}
+        parts = [p for p in (cell_name, sc_name) if p] + [_label(k, v) for k, v in zip(keys, combo)]
+        name = "_".join(parts)
+        try:
+            cfg = config_from_dict(merge_config(base, nest_dotted(list(changes.items()))), [*spec.set, *overrides])
+        except LeukoError as exc:
+            raise LeukoError(f"grid {path}, cell {name}: {exc}") from None
+        cells.append(Cell(name, cfg, changes))
+    if len({c.name for c in cells}) != len(cells):
+        raise LeukoError(f"grid {path}: two cells get the same name; give the cells distinct names")
+    return spec, cells
+
+
+def compare(
+    grid: str | Path,
+    out: str | Path | None = None,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    data_path: str | Path | None = None,
+    only: list[str] | tuple[str, ...] = (),
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """Run every cell of a grid file (or the ``only`` ones), resumably; writes ``compare.{csv,md,png}`` into ``out``."""
+    from leuko.evaluate.figures import plot_compare_bars
+
+    spec, cells = load_grid(grid, overrides)
+    if only:
+        unknown = sorted(set(only) - {c.name for c in cells})
+        if unknown:
+            raise LeukoError(f"no cell named {', '.join(unknown)} in {grid}; cells: {', '.join(c.name for c in cells)}")
+        cells = [c for c in cells if c.name in set(only)]
+    out = Path(out) if out is not None else Path("runs") / (spec.name or Path(grid).stem)
+    kind = "compare-cv" if spec.folds else "compare"
+    planned = [fc for c in cells for fc in fold_cells(c.config, spec.folds, grouped=spec.grouped, prefix=f"{c.name}/")] if spec.folds else cells
+    check_plan(out, planned, kind)
+    echo(f"{len(cells)} cell(s){f' x {spec.folds} folds' if spec.folds else ''} into {out}")
+    rows = []
+    for c in cells:
+        if spec.folds:
+            fold_rows = [run_cell(fc, out, data_path=data_path, eval_split=spec.eval_split, echo=echo)
+                         for fc in fold_cells(c.config, spec.folds, grouped=spec.grouped, prefix=f"{c.name}/")]
+            summary = summarise_rows(fold_rows)
+            row: dict[str, Any] = {"cell": c.name, **c.changes}
+            for k, v in summary.items():
+                row[k], row[f"{k}_std"] = v["mean"], v["std"]
+            row["n_test"] = sum(r["n_test"] for r in fold_rows)
+            rows.append(row)
+        else:
+            rows.append(run_cell(c, out, data_path=data_path, eval_split=spec.eval_split, echo=echo))
+    table = pd.DataFrame(rows)
+    notes = list(spec.notes)
+    notes.append("precision, recall and F-measure are macro averages over classes; training time is wall-clock minutes"
+                 + (f"; values are {spec.folds}-fold means, *_std the sample std" if spec.folds else ""))
+    csv_path, md_path = write_table(table, out / "compare", title=f"Comparison: {spec.name or Path(grid).stem}", headers=ROW_COLUMNS, notes=notes)
+    plot_compare_bars(table, CHART_METRICS, out / "compare.png", label_column="cell", title=spec.name or "Comparison")
+    return {"rows": rows, "table": table, "out": str(out), "csv": str(csv_path), "md": str(md_path)}
