@@ -63,11 +63,29 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from leuko.data import load_dataset
+from leuko.data.classmap import ClassMap
+from leuko.data.pipeline import decode_sample
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
+from leuko.infer.backends import ModelInput, iter_batches, run_batches, sample_loader
+from leuko.infer.predict import collect_images
+from leuko.infer.predictor import _torch_logits
+from leuko.models import freeze
 from leuko.models.ensemble import Ensemble
+from leuko.models.freeze import bn_frozen, freeze
+from leuko.run.calibration import softmax
 from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelCard, ModelKind
-from leuko.run.folder import RunFolder, check_new_run, derived_run, kind_of, load_model, save_model
+from leuko.run.config import load_config
+from leuko.run.data import run_transform
+from leuko.run.folder import (
+    RunFolder,
+    check_new_run,
+    derived_run,
+    kind_of,
+    load_model,
+    save_model,
+)
 
 ADAPT_METHODS: tuple[str, ...] = ("adabn", "self-train")
 """Adaptation methods :func:`adapt_run` knows."""
@@ -106,9 +124,6 @@ def trained_batchnorm(model: nn.Module, freeze_mode: str) -> list[str]:
     absorbs the shift. The same :func:`leuko.models.freeze` call that training
     made decides which is which.
     """
-    from leuko.models import freeze
-    from leuko.models.freeze import bn_frozen
-
     freeze(model, freeze_mode)
     try:
         return [n for n, m in batchnorm_layers(model) if not bn_frozen(m)]
@@ -215,7 +230,6 @@ def source_class_counts(run: RunFolder, classes: Sequence[str]) -> list[float]:
 @dataclass
 class AdaptResult:
     """What :func:`adapt_run` did."""
-
     out: Path
     n_images: int
     n_layers: int
@@ -236,8 +250,6 @@ def teacher_logits(
     """
     from functools import partial
 
-    from leuko.infer.backends import run_batches, sample_loader
-    from leuko.infer.predictor import _torch_logits
 
     model.eval()
     rows, logits, bad = run_batches(
@@ -262,9 +274,6 @@ def collect_samples(data: str | Path, layout: str | None = None, layout_options:
 
     Labels, where a layout has them, are never read.
     """
-    from leuko.data import load_dataset
-    from leuko.infer.predict import collect_images
-
     root = Path(data).expanduser()
     if not root.exists():
         raise LeukoError(f"no such file or folder: {root}")
@@ -347,7 +356,6 @@ def self_train(
     """
     import torch.nn.functional as F
 
-    from leuko.models.freeze import freeze
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -421,8 +429,6 @@ def adapt_run(
         LeukoError: bad arguments, ``out`` exists, too few readable images, a
             model without BatchNorm (AdaBN).
     """
-    from leuko.infer.backends import ModelInput
-
     if method not in ADAPT_METHODS:
         raise LeukoError(f"unknown adaptation method {method!r}; known: {', '.join(ADAPT_METHODS)}")
     if layers not in ADAPT_LAYERS:
@@ -451,7 +457,6 @@ def adapt_run(
     if len(samples) < MIN_IMAGES:
         raise LeukoError(f"adaptation needs at least {MIN_IMAGES} images of the new lab; {data} has {len(samples)}")
     model.to(dev)
-    from leuko.run.config import load_config
 
     cfg = load_config(run.config)
     model_input = ModelInput.from_meta(card.input.model_dump())
@@ -511,8 +516,6 @@ def _adabn(
     echo: Callable[[str], None], device: torch.device,
 ) -> tuple[int, int, dict[str, Any]]:
     """AdaBN on ``model`` in place: ``(images seen, layers re-estimated, details for the metadata)``."""
-    from leuko.infer.backends import iter_batches, sample_loader
-
     if not batchnorm_layers(model):
         raise LeukoError(f"the model of {run.path} ({card.model.name}) has no BatchNorm layer: AdaBN has nothing to adapt")
     if layers == "trained":
@@ -572,15 +575,10 @@ def _self_train(
     echo: Callable[[str], None], device: torch.device,
 ) -> tuple[int, int, dict[str, Any]]:
     """Pseudo-label self-training of ``model`` in place: ``(images read, 0, details for the metadata)``."""
-    from leuko.data.pipeline import decode_sample
-    from leuko.run.calibration import softmax
-    from leuko.run.data import run_transform
-
     classes = list(card.classes)
     allowed = list(range(len(classes)))
     excluded: list[str] = []
     if class_map is not None:
-        from leuko.data.classmap import ClassMap
 
         cmap = ClassMap.load(class_map)
         unknown = sorted(set(cmap.exclude) - set(classes))

@@ -26,9 +26,21 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from leuko.errors import LeukoError
+from leuko.infer.calibrate import calibrate_logits
+from leuko.infer.predictor import batched_logits
 from leuko.models.ensemble import ENSEMBLE, Ensemble
 from leuko.run.card import ModelCard, ModelKind, NetworkSpec
-from leuko.run.folder import ENSEMBLE_FILE, RunFolder, check_new_run, derived_run, finished_run, load_model, save_model
+from leuko.run.config import load_config
+from leuko.run.data import prepare_data, run_transform
+from leuko.run.folder import (
+    ENSEMBLE_FILE,
+    RunFolder,
+    check_new_run,
+    derived_run,
+    finished_run,
+    load_model,
+    save_model,
+)
 
 __all__ = ["EnsembleResult", "build_ensemble_run"]
 
@@ -40,7 +52,6 @@ INPUT_KEYS = ("image_size", "resize", "preprocess", "mean", "std")
 class EnsembleResult:
     """What :func:`build_ensemble_run` wrote and how the members (by resolved path) and the ensemble score on
     validation."""
-
     out: Path
     val_accuracy: dict[str, float]
     temperature: float
@@ -110,11 +121,6 @@ def build_ensemble_run(
             or validation images, members adapted differently, ``out`` exists,
             the dataset cannot be read.
     """
-    from leuko.infer.predictor import batched_logits
-    from leuko.run.config import load_config
-    from leuko.run.data import prepare_data, run_transform
-    from leuko.infer.calibrate import calibrate_logits
-
     if len(runs) < 2:
         raise LeukoError(f"an ensemble needs at least two runs; got {len(runs)}")
     resolved = [RunFolder.open(r).path.resolve() for r in runs]

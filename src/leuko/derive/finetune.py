@@ -37,16 +37,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from leuko.data import load_dataset
 from leuko.data.classmap import ClassMap
+from leuko.data.preprocess import decode_sample
 from leuko.data.samples import Sample
 from leuko.data.splits import assign_holdout
 from leuko.errors import LeukoError
+from leuko.infer.backends import ModelInput
 from leuko.infer.calibrate import calibrate_logits
-from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelCard, ModelKind
+from leuko.models.ensemble import Ensemble
+from leuko.models.freeze import freeze
+from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelKind
 from leuko.run.config import RunConfig, load_config
 from leuko.run.data import prepare_data, run_transform
-from leuko.run.folder import FINETUNE_FILE, RunFolder, check_new_run, derived_run, kind_of, load_model, save_model
-
+from leuko.run.folder import (
+    FINETUNE_FILE,
+    RunFolder,
+    check_new_run,
+    derived_run,
+    kind_of,
+    load_model,
+    save_model,
+)
 
 MIN_VAL_PER_CLASS = 2
 """Validation is held out only when every class keeps at least this many cells there and >= 2x as many to train."""
@@ -63,7 +75,6 @@ REPLAY_PER_CLASS = 60
 @dataclass(frozen=True)
 class LabelTargets:
     """How the new lab's labels become the network's classes: ``label -> model class``."""
-
     targets: dict[str, str]
     notes: list[str] = field(default_factory=list)
 
@@ -150,7 +161,6 @@ def hold_out_validation(samples: Sequence[Sample], root: Path, seed: int) -> tup
 @dataclass
 class FinetuneOutcome:
     """What :func:`finetune_network` did."""
-
     steps: int
     lr: float
     replay: int
@@ -180,8 +190,6 @@ def finetune_network(
     """
     import torch.nn.functional as F
 
-    from leuko.models.freeze import freeze
-    from leuko.models.ensemble import Ensemble
 
     t0 = time.perf_counter()
     labels = np.asarray(labels, dtype=int)
@@ -246,8 +254,6 @@ def array_logits(model: nn.Module, cfg: RunConfig, images: Sequence[np.ndarray],
 
 def decode_all(samples: Sequence[Sample], preprocess: Any, what: str) -> tuple[list[np.ndarray], list[Sample], list[tuple[str, str]]]:
     """Decode and preprocess ``samples`` once: ``(images, readable samples, (key, why) of the rest)``."""
-    from leuko.data.preprocess import decode_sample
-
     images, kept, failed = [], [], []
     for s in samples:
         try:
@@ -285,7 +291,6 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 @dataclass
 class FinetuneResult:
     """What :func:`finetune_run` wrote and measured."""
-
     out: Path
     cells: dict[str, dict[str, int]]
     """Per role (``train``, ``val``): cells per lab label."""
@@ -318,9 +323,6 @@ def finetune_run(
         LeukoError: ``out`` exists; a label the run does not know (without a class map); ``shots`` larger
             than a class has; fewer than two classes of labelled cells; unreadable data.
     """
-    from leuko.data import load_dataset
-    from leuko.infer.backends import ModelInput
-
     run = RunFolder.open(run_dir)
     target = check_new_run(out, "a fine-tuned run")
     if target.resolve() == run.path.resolve():

@@ -19,12 +19,21 @@ from typing import Callable
 import numpy as np
 
 from leuko.errors import LeukoError
-from leuko.infer.route import route_summary
 from leuko.infer.backends import sample_loader
 from leuko.infer.review import DEFAULT_OOD_QUANTILE
-from leuko.infer.route import RoutedPredictor, SmearGate, SmearView
+from leuko.infer.route import RoutedPredictor, SmearGate, SmearView, route_summary
 from leuko.run.card import HOME_FILE, ROUTE_FILE
-from leuko.run.folder import check_new_run, derived_run, finished_run, load_model, read_card, save_model
+from leuko.run.config import load_config
+from leuko.run.data import prepare_data
+from leuko.run.folder import (
+    check_new_run,
+    derived_run,
+    finished_run,
+    load_model,
+    read_card,
+    save_model,
+)
+from leuko.train.distill import heldout_seen_by
 
 __all__ = ["RouteResult", "build_route"]
 
@@ -32,7 +41,6 @@ __all__ = ["RouteResult", "build_route"]
 @dataclass
 class RouteResult:
     """What :func:`build_route` wrote and what the gate does on the validation split."""
-
     out: Path
     gate: SmearGate
     val_home_share: float
@@ -65,10 +73,6 @@ def build_route(
             differ; the home run saw the robust run's held-out images; ``out``
             exists; the dataset cannot be read.
     """
-    from leuko.run.config import load_config
-    from leuko.run.data import prepare_data
-    from leuko.train.distill import heldout_seen_by
-
     home, robust = finished_run(home_dir, "home"), finished_run(robust_dir, "robust")
     if home.path.resolve() == robust.path.resolve():
         raise LeukoError(f"the home and the robust run are the same folder ({home.path}); route two different runs")

@@ -13,14 +13,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from leuko.run.calibration import (  # re-exported: evaluation reads calibration too
-    ReliabilityBins,
-    ece,
-    fit_temperature,
-    nll,
-    reliability_bins,
-    softmax,
-)
 from leuko.evaluate.metrics import (
     bootstrap_ci,
     classification_report_text,
@@ -29,6 +21,14 @@ from leuko.evaluate.metrics import (
     format_mean_std,
     predictions_frame,
     summarise_folds,
+)
+from leuko.run.calibration import (  # re-exported: evaluation reads calibration too
+    ReliabilityBins,
+    ece,
+    fit_temperature,
+    nll,
+    reliability_bins,
+    softmax,
 )
 
 if TYPE_CHECKING:

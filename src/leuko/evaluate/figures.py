@@ -23,7 +23,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from leuko.errors import LeukoError
-from leuko.run.calibration import DEFAULT_BINS, check_probs_targets, ece, reliability_bins
+from leuko.run.calibration import (
+    DEFAULT_BINS,
+    check_probs_targets,
+    ece,
+    reliability_bins,
+)
 
 if TYPE_CHECKING:
     import pandas

@@ -21,19 +21,35 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
-import yaml
 
+from leuko.data import load_dataset
+from leuko.data.classmap import ClassMap, map_probs
+from leuko.data.crops import crop_report
+from leuko.data.imageio import load_rgb
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.run.calibration import softmax
-from leuko.evaluate.metrics import classification_report_text, compute_metrics, predictions_frame
-from leuko.data.classmap import ClassMap, map_probs
-from leuko.infer.route import describe_route, route_summary
+from leuko.evaluate.figures import (
+    plot_confusion_matrix,
+    plot_misclassified_gallery,
+    plot_per_class_bars,
+    plot_reliability,
+    plot_roc_curves,
+    plot_training_curves,
+)
+from leuko.evaluate.metrics import (
+    classification_report_text,
+    compute_metrics,
+    predictions_frame,
+)
+from leuko.evaluate.tables import epoch_table, write_table
+from leuko.infer import load_predictor
+from leuko.infer.route import route_summary
+from leuko.run.config import load_config
+from leuko.run.data import prepare_data
 from leuko.run.folder import RunFolder
 
 log = logging.getLogger("leuko.evaluate")
@@ -74,11 +90,6 @@ def evaluate_run(
     another dataset also ``in_lab``: the run's own held-out numbers, see :func:`in_lab_metrics`;
     with ``cell-crop`` preprocessing ``data.cell_crop`` lists the images where no cell was found).
     """
-    from leuko.data import load_dataset
-    from leuko.infer import load_predictor
-    from leuko.run.config import load_config
-    from leuko.run.data import prepare_data
-
     run = RunFolder.open(run_dir)
     out_dir = Path(out) if out is not None else default_eval_dir(run.path, data, split, tta=tta)
     if split not in ("train", "val", "test", "all"):
@@ -137,7 +148,6 @@ def evaluate_run(
     metrics["tta"] = tta
     out_dir.mkdir(parents=True, exist_ok=True)
     if run.metrics.is_file():
-        from leuko.evaluate.tables import epoch_table, write_table
 
         write_table(epoch_table(run.metrics), out_dir / "epochs", title=f"Per-epoch accuracy and loss: {run.path.name}")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
@@ -211,8 +221,6 @@ def in_lab_metrics(run: RunFolder, *, tta: bool = False) -> dict[str, Any] | Non
 def _cell_crop_check(samples: list[Sample], preprocess: Any, echo: Callable[[str], None]) -> dict[str, Any]:
     """Which evaluated images ``cell-crop``/``rbc-crop`` found no cell in (classified from the whole frame)
     and, with ``rbc-crop``, which had no red-cell ruler (cropped at ``cell-crop``'s share)."""
-    from leuko.data.crops import crop_report
-
     report = crop_report(samples, preprocess)
     step = "rbc-crop" if preprocess.rbc_span is not None else "cell-crop"
     echo(f"{step}: {report.summary()}")
@@ -223,15 +231,6 @@ def _cell_crop_check(samples: list[Sample], preprocess: Any, echo: Callable[[str
 
 
 def _figures(out_dir: Path, run: RunFolder, metrics: dict, y: np.ndarray, probs: np.ndarray, kept: list[Sample], classes: list[str]) -> None:
-    from leuko.data.imageio import load_rgb
-    from leuko.evaluate.figures import (
-        plot_confusion_matrix,
-        plot_misclassified_gallery,
-        plot_per_class_bars,
-        plot_reliability,
-        plot_roc_curves,
-        plot_training_curves,
-    )
 
     cm = np.asarray(metrics["confusion_matrix"])
     plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png", title="Confusion matrix (counts)")

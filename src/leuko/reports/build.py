@@ -36,9 +36,32 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from leuko.data.imageio import load_rgb
 from leuko.errors import LeukoError
-from leuko.reports.content import Cell, Code, Figure, Report, Section, Table, Text, fmt, metric_cell
+from leuko.evaluate.figures import (
+    plot_confusion_matrix,
+    plot_gradcam_grid,
+    plot_per_class_bars,
+    plot_reliability,
+    plot_training_curves,
+)
+from leuko.evaluate.run import default_eval_dir, evaluate_run
+from leuko.explain.gradcam import RoutedGradCAM, explainer_for, overlay
+from leuko.infer.load import load_predictor
+from leuko.infer.route import describe_route
+from leuko.reports.content import (
+    Cell,
+    Code,
+    Figure,
+    Report,
+    Section,
+    Table,
+    Text,
+    fmt,
+    metric_cell,
+)
 from leuko.reports.render import render_html, render_markdown
+from leuko.run.calibration import ece, softmax
 from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelCard, ModelKind, NetworkSpec
 from leuko.run.folder import ENSEMBLE_FILE, RunFolder, kind_of
 
@@ -50,7 +73,6 @@ MAX_MISCLASSIFIED = 8
 @dataclass(frozen=True)
 class ReportFiles:
     """Where a report was written."""
-
     html: Path
     markdown: Path
     figures: Path
@@ -59,7 +81,6 @@ class ReportFiles:
 @dataclass
 class Evaluation:
     """A held-out evaluation of the run, as ``leuko evaluate`` wrote it."""
-
     metrics: dict[str, Any]
     predictions: pd.DataFrame
     out_dir: Path
@@ -85,7 +106,6 @@ def load_or_evaluate(
 ) -> Evaluation:
     """The run's held-out evaluation: reused when up to date, else computed (needs the data)."""
     split = "test" if data is not None else _held_out_split(run)
-    from leuko.evaluate.run import default_eval_dir
 
     out_dir = default_eval_dir(run.path, data, split)
     metrics_file, preds_file = out_dir / "metrics.json", out_dir / "predictions.csv"
@@ -99,7 +119,6 @@ def load_or_evaluate(
     if fresh:
         echo(f"reusing the evaluation in {out_dir}")
     else:
-        from leuko.evaluate.run import evaluate_run
 
         echo(f"no up-to-date evaluation in {out_dir}: evaluating the {split} split now")
         # The report draws the figures it shows itself; evaluate's other figures are not needed here.
@@ -216,7 +235,6 @@ def _overview(run: RunFolder, predictor: Any, ev: Evaluation) -> Section:
         ("ECE (calibrated)", metric_cell("ece", m.get("ece"))),
     ]
     if routed and m.get("route"):
-        from leuko.infer.route import describe_route
 
         rows.append(("route", describe_route(m["route"])))
     blocks: list[Any] = [_kv_table(rows)]
@@ -325,7 +343,6 @@ def _network_blocks(card: ModelCard, layer: str) -> list[Any]:
 
 
 def _training(run: RunFolder, ev: Evaluation, fig_dir: Path) -> Section:
-    from leuko.evaluate.figures import plot_training_curves
 
     blocks: list[Any] = []
     if kind_of(run.path) is ModelKind.ROUTED:
@@ -368,7 +385,6 @@ def _training(run: RunFolder, ev: Evaluation, fig_dir: Path) -> Section:
 
 
 def _evaluation(ev: Evaluation, fig_dir: Path) -> Section:
-    from leuko.evaluate.figures import plot_confusion_matrix, plot_per_class_bars
 
     m = ev.metrics
     classes = list(m["classes"])
@@ -419,8 +435,6 @@ def _evaluation(ev: Evaluation, fig_dir: Path) -> Section:
 
 
 def _calibration(run: RunFolder, predictor: Any, ev: Evaluation, fig_dir: Path) -> Section:
-    from leuko.run.calibration import ece, softmax
-    from leuko.evaluate.figures import plot_reliability
 
     t = float(ev.metrics.get("temperature", predictor.card.temperature))
     probs, y, _ = _probs(ev)
@@ -469,9 +483,6 @@ def _calibration(run: RunFolder, predictor: Any, ev: Evaluation, fig_dir: Path) 
 
 
 def _gradcams(ev: Evaluation, explainer: Any, fig_dir: Path, echo: Echo) -> Section:
-    from leuko.data.imageio import load_rgb
-    from leuko.evaluate.figures import plot_gradcam_grid
-    from leuko.explain.gradcam import overlay
 
     frame = ev.predictions
     model_classes: list[str] = explainer.classes
@@ -480,7 +491,6 @@ def _gradcams(ev: Evaluation, explainer: Any, fig_dir: Path, echo: Echo) -> Sect
         "named above the map. A network that looks at the background or the image border rather than the cell "
         "has learned a shortcut.")]
     missing: list[str] = []
-    from leuko.explain.gradcam import RoutedGradCAM
 
     # A routed run: each map from the network that answered the image in the evaluation (load_or_evaluate
     # re-evaluates a routed run whose predictions.csv does not say).
@@ -582,8 +592,6 @@ def build_report(
 ) -> Report:
     """The report of a run as a content model; its figures are written into ``fig_dir``."""
     import leuko
-    from leuko.explain.gradcam import explainer_for
-    from leuko.infer.load import load_predictor
 
     run = RunFolder.open(run_dir)
     if not run.model.is_file():

@@ -24,10 +24,26 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from leuko.data import load_dataset
+from leuko.data.classmap import ClassMap, map_probs
 from leuko.data.samples import Sample
+from leuko.derive.finetune import (
+    array_logits,
+    clone,
+    decode_all,
+    draw_shots,
+    finetune_network,
+    label_targets,
+    replay_pool,
+)
 from leuko.errors import LeukoError
 from leuko.evaluate.metrics import compute_metrics
+from leuko.infer.backends import ModelInput
+from leuko.models import build_model
 from leuko.run.calibration import softmax
+from leuko.run.card import ModelKind
+from leuko.run.config import load_config
+from leuko.run.folder import RunFolder, kind_of, load_model
 
 DEFAULT_SHOTS: tuple[int, ...] = (0, 5, 10, 25, 50)
 
@@ -35,7 +51,6 @@ DEFAULT_SHOTS: tuple[int, ...] = (0, 5, 10, 25, 50)
 @dataclass
 class CurvePoint:
     """One fine-tuning (or zero-shot, or fresh) run of the curve."""
-
     method: str
     """``finetune``, ``zero-shot`` or ``fresh``."""
     shots: int
@@ -64,7 +79,6 @@ def parse_shots(text: str | Sequence[int]) -> list[int]:
 
 
 def _score(logits: np.ndarray, temperature: float, y: np.ndarray, classes: list[str], m: np.ndarray) -> dict[str, float]:
-    from leuko.data.classmap import map_probs
 
     probs = map_probs(softmax(logits, temperature), m)
     metrics = compute_metrics(y, probs, classes, n_bootstrap=0)
@@ -92,22 +106,6 @@ def learning_curve(
     """Measure the learning curve of ``run_dir`` on the labelled lab at ``data`` into ``out`` (see the module)."""
     import torch
 
-    from leuko.data import load_dataset
-    from leuko.data.classmap import ClassMap
-    from leuko.derive.finetune import (
-        array_logits,
-        clone,
-        decode_all,
-        draw_shots,
-        finetune_network,
-        label_targets,
-        replay_pool,
-    )
-    from leuko.infer.backends import ModelInput
-    from leuko.models import build_model
-    from leuko.run.card import ModelKind
-    from leuko.run.config import load_config
-    from leuko.run.folder import RunFolder, kind_of, load_model
 
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise LeukoError(f"--draws must be a positive integer; got {draws!r}")

@@ -48,8 +48,10 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from leuko.errors import LeukoError
+from leuko.evaluate.figures import plot_compare_bars
+from leuko.evaluate.metrics import format_mean_std
+from leuko.evaluate.run import default_eval_dir, evaluate_run
 from leuko.evaluate.tables import ROW_COLUMNS, metrics_row, write_table
-from leuko.run.folder import RunFolder
 from leuko.run.config import (
     RunConfig,
     config_from_dict,
@@ -58,6 +60,8 @@ from leuko.run.config import (
     nest_dotted,
     read_yaml_mapping,
 )
+from leuko.run.folder import RunFolder
+from leuko.train import train
 
 Echo = Callable[[str], None]
 
@@ -71,7 +75,6 @@ CHART_METRICS = ["accuracy", "precision", "recall", "f1"]
 @dataclass
 class Cell:
     """One run of a table: its folder name, its full config and the overrides that make it differ."""
-
     name: str
     config: RunConfig
     changes: dict[str, Any] = field(default_factory=dict)
@@ -126,10 +129,6 @@ def run_cell(
     echo: Echo = print,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) one cell and evaluate it; returns its table row."""
-    from leuko.evaluate.run import evaluate_run
-    from leuko.train import train
-
-    from leuko.evaluate.run import default_eval_dir
 
     run_dir = _cell_dir(out, cell)
     metrics_file = default_eval_dir(run_dir, None, eval_split) / "metrics.json"
@@ -196,9 +195,6 @@ def cross_validate(
     echo: Echo = print,
 ) -> dict[str, Any]:
     """K-fold cross-validation: a run per fold, a table per fold and mean ± std (``OUT/cv.*``)."""
-    from leuko.evaluate.figures import plot_compare_bars
-    from leuko.evaluate.metrics import format_mean_std
-
     out = Path(out)
     cells = fold_cells(config, folds, grouped=grouped)
     check_plan(out, cells, "cv")
@@ -224,7 +220,6 @@ def cross_validate(
 
 class GridFile(BaseModel):
     """The schema of a ``leuko compare`` file (see the module docstring)."""
-
     model_config = ConfigDict(extra="forbid")
 
     name: Optional[str] = None
@@ -300,8 +295,6 @@ def compare(
     echo: Echo = print,
 ) -> dict[str, Any]:
     """Run every cell of a grid file (or the ``only`` ones), resumably; writes ``compare.{csv,md,png}`` into ``out``."""
-    from leuko.evaluate.figures import plot_compare_bars
-
     spec, cells = load_grid(grid, overrides)
     if only:
         unknown = sorted(set(only) - {c.name for c in cells})

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
-from leuko.run.folder import RunFolder
+from leuko.infer import Predictor
+from leuko.run.calibration import softmax
 from leuko.run.data import PreparedData
+from leuko.run.folder import RunFolder
 
 __all__ = ["check_teacher", "distill_loss", "heldout_seen_by", "teacher_targets"]
 
@@ -97,9 +99,6 @@ def teacher_targets(
     eight views cost one pass over the training set. ``device``: where the
     teacher runs (``None``: the GPU when there is one).
     """
-    from leuko.run.calibration import softmax
-    from leuko.infer import Predictor
-
     predictor = Predictor(teacher.path, device=device)
     if sorted(predictor.classes) != sorted(classes):
         raise LeukoError(f"train.distill_from: the teacher's classes ({', '.join(predictor.classes)}) are not this run's")

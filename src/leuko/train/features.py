@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,11 +27,13 @@ from leuko.data.pipeline import SampleDataset, make_loader
 from leuko.data.preprocess import step_versions
 from leuko.data.samples import Sample
 from leuko.paths import cache_dir
-from leuko.run.folder import RunFolder
-from leuko.train.callbacks import append_metrics_row, improves
 from leuko.run.config import RunConfig
 from leuko.run.data import PreparedData, run_transform
+from leuko.run.folder import RunFolder
+from leuko.train.callbacks import append_metrics_row, improves
+from leuko.train.lightning_fit import class_weights_for
 from leuko.train.module import build_optimizer, lr_factor
+from leuko.train.result import TrainResult
 
 log = logging.getLogger("leuko.train")
 FEATURE_FORMAT = 1
@@ -137,9 +138,6 @@ def _stack(samples: Sequence[Sample], feats: dict[str, torch.Tensor], classes: l
 
 def train_head_on_features(model: nn.Module, cfg: RunConfig, data: PreparedData, run: RunFolder, *, echo: Callable[[str], None] = print):
     """Train only the head on cached features; the best head (by val accuracy) is left in ``model``."""
-    from leuko.train.lightning_fit import class_weights_for
-    from leuko.train.runner import TrainResult
-
     torch.manual_seed(cfg.train.seed)
     feats = cached_features(model, data.train + data.val + data.test, cfg, echo)
     x_tr, y_tr = _stack(data.train, feats, data.classes)

@@ -19,12 +19,21 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 
-from leuko.data.pipeline import SampleDataset, make_loader
-from leuko.run.folder import RunFolder
-from leuko.train.callbacks import BestAndLastCheckpoint, EpochMetricsCSV, SaveOnInterrupt, read_checkpoint, truncate_metrics
+from leuko.data.pipeline import DecodedCache, SampleDataset, make_loader
+from leuko.errors import LeukoError
 from leuko.run.config import RunConfig
 from leuko.run.data import PreparedData, run_transform
+from leuko.run.folder import RunFolder
+from leuko.train.callbacks import (
+    BestAndLastCheckpoint,
+    EpochMetricsCSV,
+    SaveOnInterrupt,
+    read_checkpoint,
+    truncate_metrics,
+)
+from leuko.train.distill import teacher_targets
 from leuko.train.module import LeukoClassifier
+from leuko.train.result import TrainResult
 
 log = logging.getLogger("leuko.train")
 
@@ -44,8 +53,6 @@ def resume_checkpoint(run: RunFolder, echo: Callable[[str], None]) -> tuple[Any,
     ``best.ckpt`` still carries everything a resume needs, from an earlier
     epoch, so the run loses those epochs rather than everything.
     """
-    from leuko.errors import LeukoError
-
     last = read_checkpoint(run.last_ckpt)
     if isinstance(last, dict):
         return run.last_ckpt, last
@@ -69,7 +76,6 @@ def build_loaders(
     t_eval = run_transform(cfg.data, info, train=False)
     cache: Any = cfg.data.cache
     if cfg.data.cache:
-        from leuko.data.pipeline import DecodedCache
 
         cache = DecodedCache(data.train + data.val, t_train.preprocess)
     train_ds = SampleDataset(data.train, c2i, cfg.data.image_size, transform=t_train, cache=cache, soft_targets=soft_targets)
@@ -112,11 +118,8 @@ def fit_lightning(
     ``teacher``: the run ``train.distill_from`` names, already checked
     (:func:`leuko.train.distill.check_teacher`); it answers the training images once, here.
     """
-    from leuko.train.runner import TrainResult
-
     soft = None
     if teacher is not None:
-        from leuko.train.distill import teacher_targets
 
         device = "cpu" if cfg.trainer.accelerator == "cpu" else None
         soft = teacher_targets(teacher, data.train, data.classes, cfg.train.distill_temperature, device=device, echo=echo)
@@ -173,7 +176,6 @@ def fit_lightning(
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
     if trainer.interrupted:
-        from leuko.errors import LeukoError
 
         raise LeukoError(f"training interrupted; continue with: leuko train --resume {run.path}", exit_code=130)
     best_epoch = trainer.current_epoch

@@ -12,45 +12,30 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from leuko.data.audit import leakage_warning, split_leakage
+from leuko.data.transforms import AUGMENT_VERSIONS
 from leuko.errors import LeukoError
 from leuko.infer.calibrate import calibrate
 from leuko.infer.review import ReviewPolicy
+from leuko.models import build_model, freeze, model_info
 from leuko.run.card import InputSpec, ModelCard, ModelKind, NetworkSpec
-from leuko.run.folder import RunFolder, save_model
-from leuko.run.config import RunConfig, load_config
+from leuko.run.config import RunConfig, config_from_dict, load_config
 from leuko.run.data import PreparedData, prepare_data
+from leuko.run.folder import RunFolder, save_model
+from leuko.train.distill import check_teacher
+from leuko.train.result import TrainResult
 
 log = logging.getLogger("leuko.train")
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports (also written to ``summary.json``)."""
-
-    run_dir: Path
-    best_epoch: int
-    best_val_acc: float | None
-    epochs_run: int
-    wall_time_s: float
-    path: str  # "lightning" or "features"
-    images_per_s: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
 def resolve_pretrained(config: RunConfig) -> str:
     """``auto`` → the model's own default: ``bundled`` for models with offline weights,
     ``none`` for ``custom_cnn``, else ``imagenet`` (which needs the internet)."""
-    from leuko.models import model_info
-
     if config.model.pretrained != "auto":
         return config.model.pretrained
     return model_info(config.model.name).default_pretrained
@@ -94,8 +79,6 @@ def global_rank() -> int:
 
 def _augment_record(augment: str) -> dict[str, Any]:
     """What ``data.json`` keeps of the augmentation: the preset and the version of its ops."""
-    from leuko.data.transforms import AUGMENT_VERSIONS
-
     return {"preset": augment, "version": AUGMENT_VERSIONS.get(augment)}
 
 
@@ -140,8 +123,6 @@ def warn_leakage(data: PreparedData, warn: Callable[[str], None]) -> int:
     Uses the fast audit stages (file bytes, perceptual hash + pixel check);
     ``leuko data audit`` adds embeddings for rotated/sheared copies.
     """
-    from leuko.data.audit import leakage_warning, split_leakage
-
     held_out = data.val + data.test
     if not held_out:
         return 0
@@ -191,11 +172,9 @@ def train(
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
         if isinstance(config, RunConfig) and overrides:
-            from leuko.run.config import config_from_dict
 
             cfg = config_from_dict(config.model_dump(mode="json"), overrides)
         # Validate everything that can fail before creating the run folder.
-        from leuko.models import model_info
 
         model_info(cfg.model.name)
         split_file = None
@@ -206,13 +185,11 @@ def train(
     data = prepare_data(cfg.data, seed=cfg.train.seed, data_path=data_path, split_file=split_file)
     teacher = None
     if cfg.train.distill_from:
-        from leuko.train.distill import check_teacher
 
         teacher = check_teacher(cfg.train.distill_from, data)  # before the run folder exists
     pretrained = resolve_pretrained(cfg)
     from lightning.fabric.utilities.seed import seed_everything
 
-    from leuko.models import build_model, freeze
 
     seed_everything(cfg.train.seed, workers=True, verbose=False)  # the new head's init is part of the run
     model = build_model(
@@ -255,11 +232,17 @@ def train(
         info = model.leuko_info  # type: ignore[attr-defined]
         echo(f"model: {cfg.model.name} ({pretrained} weights, head {cfg.model.head}, freeze {cfg.model.freeze}) at {cfg.data.image_size}px")
         if uses_feature_path(cfg):
-            from leuko.train.features import train_head_on_features
+
+            from leuko.train.features import (
+                train_head_on_features,  # Lightning: imported only when a loop runs
+            )
 
             result = train_head_on_features(model, cfg, data, run, echo=echo)
         else:
-            from leuko.train.lightning_fit import fit_lightning
+
+            from leuko.train.lightning_fit import (
+                fit_lightning,  # Lightning: imported only when a loop runs
+            )
 
             result = fit_lightning(model, cfg, data, run, resume=resume, teacher=teacher, echo=echo)
         if rank == 0:
