@@ -47,7 +47,7 @@ from leuko.infer.backends import ModelInput
 from leuko.infer.calibrate import calibrate_logits
 from leuko.models.ensemble import Ensemble
 from leuko.models.freeze import freeze
-from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelKind
+from leuko.run.card import HOME_FILE, ROUTE_FILE, ModelCard, ModelKind
 from leuko.run.config import RunConfig, load_config
 from leuko.run.data import prepare_data, run_transform
 from leuko.run.folder import (
@@ -289,6 +289,45 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 @dataclass
+class LabelledLab:
+    """A finished run (its network to teach) and a new lab's labelled cells, checked against each other."""
+
+    run: RunFolder
+    kind: ModelKind
+    model: nn.Module
+    """The network that learns: one network, an ensemble, or a routed run's robust network."""
+    card: ModelCard
+    cfg: RunConfig
+    index: Any
+    samples: list[Sample]
+    lab_classes: list[str]
+    mapping: LabelTargets
+
+
+def open_lab(run_dir: str | Path, data: str | Path, *, layout: str | None = None,
+             layout_options: dict[str, Any] | None = None, class_map: str | Path | None = None) -> LabelledLab:
+    """The run and the labelled lab that ``leuko finetune`` and ``leuko curve`` start from.
+
+    Raises:
+        LeukoError: no such run or data; fewer than two classes of labelled cells; a label the run does not
+            know (without a class map).
+    """
+
+    run = RunFolder.open(run_dir)
+    kind = kind_of(run.path)
+    model, card = load_model(run.model if kind is ModelKind.ROUTED else run.path)
+    cfg = load_config(run.config)
+    index = load_dataset(data, layout, **(layout_options or {}))
+    samples = [s for s in index.samples if s.label and s.label != "?"]
+    lab_classes = sorted({s.label for s in samples})
+    if len(lab_classes) < 2:
+        raise LeukoError(f"{index.root} has labelled cells of {len(lab_classes)} class(es) "
+                         f"({', '.join(lab_classes) or 'none'}); fine-tuning needs at least two")
+    return LabelledLab(run, kind, model, card, cfg, index, samples, lab_classes,
+                       label_targets(card.classes, lab_classes, class_map))
+
+
+@dataclass
 class FinetuneResult:
     """What :func:`finetune_run` wrote and measured."""
     out: Path
@@ -323,21 +362,13 @@ def finetune_run(
         LeukoError: ``out`` exists; a label the run does not know (without a class map); ``shots`` larger
             than a class has; fewer than two classes of labelled cells; unreadable data.
     """
-    run = RunFolder.open(run_dir)
     target = check_new_run(out, "a fine-tuned run")
-    if target.resolve() == run.path.resolve():
+    if target.resolve() == Path(run_dir).expanduser().resolve():
         raise LeukoError("--out must be a new folder, not the run being fine-tuned")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    kind = kind_of(run.path)
-    model, card = load_model(run.model if kind is ModelKind.ROUTED else run.path)
-    cfg = load_config(run.config)
-    index = load_dataset(data, layout, **(layout_options or {}))
-    samples = [s for s in index.samples if s.label and s.label != "?"]
-    lab_classes = sorted({s.label for s in samples})
-    if len(lab_classes) < 2:
-        raise LeukoError(f"{index.root} has labelled cells of {len(lab_classes)} class(es) "
-                         f"({', '.join(lab_classes) or 'none'}); fine-tuning needs at least two")
-    mapping = label_targets(card.classes, lab_classes, class_map)
+    lab = open_lab(run_dir, data, layout=layout, layout_options=layout_options, class_map=class_map)
+    run, kind, model, card, cfg, index, samples, mapping = (lab.run, lab.kind, lab.model, lab.card, lab.cfg, lab.index,
+                                                            lab.samples, lab.mapping)
     if shots is not None:
         samples, _ = draw_shots(samples, shots, seed)
     train_s, val_s, how = hold_out_validation(samples, index.root, seed)
@@ -407,4 +438,4 @@ def clone(model: nn.Module) -> nn.Module:
 
 __all__ = ["FINETUNE_FILE", "FinetuneOutcome", "FinetuneResult", "LabelTargets", "array_logits", "clone", "decode_all",
            "draw_shots", "finetune_network", "finetune_run", "hold_out_validation",
-           "label_targets", "replay_pool"]
+           "label_targets", "open_lab", "replay_pool"]

@@ -415,7 +415,7 @@ def create_app(
         return ModelInfo(
             backend=svc.backend,
             model_file=svc.model_file.name,
-            architecture=dict(p.meta.get("model", {})),
+            architecture=p.card.model.model_dump(mode="json", exclude_none=True),
             classes=svc.classes,
             input=dict(p.input),
             temperature=float(p.temperature),

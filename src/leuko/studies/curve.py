@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from leuko.data import load_dataset
 from leuko.data.classmap import ClassMap, map_probs
 from leuko.data.samples import Sample
 from leuko.derive.finetune import (
@@ -33,7 +32,7 @@ from leuko.derive.finetune import (
     decode_all,
     draw_shots,
     finetune_network,
-    label_targets,
+    open_lab,
     replay_pool,
 )
 from leuko.errors import LeukoError
@@ -41,9 +40,6 @@ from leuko.evaluate.metrics import compute_metrics
 from leuko.infer.backends import ModelInput
 from leuko.models import build_model
 from leuko.run.calibration import softmax
-from leuko.run.card import ModelKind
-from leuko.run.config import load_config
-from leuko.run.folder import RunFolder, kind_of, load_model
 
 DEFAULT_SHOTS: tuple[int, ...] = (0, 5, 10, 25, 50)
 
@@ -113,16 +109,9 @@ def learning_curve(
     out_dir = Path(out).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LeukoError(f"{out_dir} already exists; choose a new --out")
-    run = RunFolder.open(run_dir)
-    kind = kind_of(run.path)
-    base, card = load_model(run.model if kind is ModelKind.ROUTED else run.path)
-    cfg = load_config(run.config)
-    index = load_dataset(data, layout, **(layout_options or {}))
-    samples = [s for s in index.samples if s.label and s.label != "?"]
-    lab_classes = sorted({s.label for s in samples})
-    if len(lab_classes) < 2:
-        raise LeukoError(f"{index.root} has labelled cells of {len(lab_classes)} class(es); a curve needs at least two")
-    mapping = label_targets(card.classes, lab_classes, class_map)
+    lab = open_lab(run_dir, data, layout=layout, layout_options=layout_options, class_map=class_map)
+    run, base, card, cfg, index, samples, lab_classes, mapping = (lab.run, lab.model, lab.card, lab.cfg, lab.index,
+                                                                  lab.samples, lab.lab_classes, lab.mapping)
     cmap = ClassMap.load(class_map) if class_map else ClassMap()
     m, _ = cmap.matrix(card.classes, lab_classes)
     model_input = ModelInput.from_meta(card.input.model_dump())
