@@ -290,13 +290,16 @@ def test_sample_page_with_login(serve_run: Path, cell_images: list[Path], start_
         assert store.get_sample(1).created_by == "Bob Jones"
 
 
-def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: int = 10) -> None:
+def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: int = 10, samples: bool = False) -> None:
     """Serve ``model``, review ``n`` images of ``folder`` the way a person would, save a screenshot (README).
 
     The first ``review`` cells are reviewed with the keyboard: where the image's
     folder names one of the model's classes (PBC's layout) and the prediction
-    differs, the digit key corrects it; otherwise A accepts it.
+    differs, the digit key corrects it; otherwise A accepts it. ``samples``: the
+    page on a store (a throwaway one): a sample is created and its reviews saved,
+    and the first corrected cell's history is shown.
     """
+    import tempfile
     from playwright.sync_api import sync_playwright
 
     from leuko.infer.predict import collect_images
@@ -308,12 +311,20 @@ def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: i
 
     paths = collect_images([folder])
     images = paths[:: max(1, len(paths) // n)][:n]
-    app = create_app(model)
+    app = create_app(model, store=Path(tempfile.mkdtemp()) / "lab.db" if samples else None)
     classes = app.state.service.classes
     with live_server(app) as url, sync_playwright() as p:
         browser, page, _, _ = open_page(p, url, viewport=(1360, 1000))
         try:
-            upload_and_wait(page, images)
+            if samples:
+                page.fill("#reviewer", "A. Technologist")
+                page.fill("#new-accession", "S24-000123")
+                page.click("#create-sample")
+                expect(page.locator("#sample-title")).to_have_text("S24-000123")
+                page.set_input_files("#pick-files", [str(x) for x in images])
+                expect(page.locator("#grid .tile .lab")).to_have_count(len(images), timeout=120_000)
+            else:
+                upload_and_wait(page, images)
             tiles = page.locator("#grid .tile")
             tiles.first.click()
             by_name = {p.name: p for p in images}
@@ -321,6 +332,11 @@ def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: i
                 truth = by_name[Path(tiles.nth(i).get_attribute("title").splitlines()[0]).name].parent.name
                 predicted = tiles.nth(i).locator(".lab").text_content()
                 page.keyboard.press(str(classes.index(truth) + 1) if truth in classes and truth != predicted else "a")
+            if samples:
+                expect(page.locator("#save-status")).to_have_text("all changes saved", timeout=60_000)
+                fixed = page.locator("#grid .tile:has(.was)")
+                (fixed.first if fixed.count() else tiles.first).click()
+                expect(page.locator("#history-list li").first).to_be_visible()
             page.keyboard.press("e")
             expect(page.locator("#detail-cam")).to_be_visible(timeout=60_000)
             png = page.screenshot(full_page=False)
@@ -344,5 +360,6 @@ if __name__ == "__main__":  # pragma: no cover
     ap.add_argument("out", type=Path)
     ap.add_argument("--n", type=int, default=40, help="images to upload")
     ap.add_argument("--review", type=int, default=10, help="cells to review with the keyboard first")
+    ap.add_argument("--samples", action="store_true", help="the page on a (throwaway) store: a sample, saved reviews, a history")
     args = ap.parse_args()
-    take_screenshot(args.model, args.images, args.out, args.n, args.review)
+    take_screenshot(args.model, args.images, args.out, args.n, args.review, args.samples)

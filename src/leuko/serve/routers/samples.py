@@ -243,7 +243,8 @@ def build_router(*, with_samples: bool = True) -> APIRouter:
         path, media = store_of(request).cell_image(cell_id)
         if not path.is_file():
             raise StoreError(404, f"the image of cell {cell_id} is missing from the image store")
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=31536000, immutable"})
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=31536000, immutable",
+                                                                   "X-Content-Type-Options": "nosniff"})
 
     @router.post("/samples/{sample_id}/sign-off", response_model=SampleDetail, tags=["samples"],
                  responses=_errors(401, 403, 404, 409, 422))
