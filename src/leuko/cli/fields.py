@@ -8,7 +8,6 @@ written.
 """
 
 # Typer declares options as argument defaults (typer.Option(...)): that is the API, not a bug.
-# ruff: noqa: B008
 
 from __future__ import annotations
 

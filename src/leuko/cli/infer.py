@@ -24,7 +24,7 @@ def predict_cmd(
     tta: bool = TtaOpt,
     top_k: int = typer.Option(1, "--top-k", "-k", help="Also list the next K-1 classes."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    fields: bool = typer.Option(False, "--fields", help="The images are smear fields: find every white cell, one row per cell."),
+    fields: bool = typer.Option(False, "--fields", help="The images are smear fields (a folder: its own images, not sub-folders): find every white cell, one row per cell."),
 ) -> None:
     """Classify new images; unreadable files are named and skipped, the rest are predicted."""
     if fields:

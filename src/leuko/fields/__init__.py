@@ -27,10 +27,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from leuko.fields.count import FieldCell, FieldCount, FieldPredictions, count_fields, predict_fields
+    from leuko.fields.count import (
+        FieldCell,
+        FieldCount,
+        FieldPredictions,
+        count_fields,
+        predict_fields,
+    )
     from leuko.fields.dedupe import find_repeats
     from leuko.fields.differential import ClassCount, wilson_interval
-    from leuko.fields.evaluate import DetectionReport, average_precision, evaluate_fields, iou
+    from leuko.fields.evaluate import (
+        DetectionReport,
+        average_precision,
+        evaluate_fields,
+        iou,
+    )
     from leuko.fields.find import FoundCell, field_ruler, find_cells
     from leuko.fields.read import list_fields, read_field, voc_fields
 
@@ -62,4 +73,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'leuko.fields' has no attribute {name!r}")
 
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "ClassCount",
+    "DetectionReport",
+    "FieldCell",
+    "FieldCount",
+    "FieldPredictions",
+    "FoundCell",
+    "average_precision",
+    "count_fields",
+    "evaluate_fields",
+    "field_ruler",
+    "find_cells",
+    "find_repeats",
+    "iou",
+    "list_fields",
+    "predict_fields",
+    "read_field",
+    "voc_fields",
+    "wilson_interval",
+]

@@ -35,7 +35,12 @@ from leuko.data.preprocess import CELL_CONTEXT, grow_box
 from leuko.errors import LeukoError
 from leuko.fields.dedupe import CellPatch, cell_patch, find_repeats, repeat_groups
 from leuko.fields.differential import ClassCount, class_counts, few_cells_note
-from leuko.fields.find import DEFAULT_MIN_SCORE, FALLBACK_FIELD_RBC, field_ruler, find_cells
+from leuko.fields.find import (
+    DEFAULT_MIN_SCORE,
+    FALLBACK_FIELD_RBC,
+    field_ruler,
+    find_cells,
+)
 from leuko.fields.read import list_fields, read_field
 
 if TYPE_CHECKING:
@@ -261,7 +266,7 @@ def classifier_crop(field_image: np.ndarray, box: Sequence[float], *, cell_centr
 
 
 def predict_fields(
-    predictor: "BasePredictor",
+    predictor: BasePredictor,
     fields: Sequence[str | Path] | str | Path,
     *,
     min_score: float = DEFAULT_MIN_SCORE,
@@ -327,7 +332,7 @@ def predict_fields(
         reasons = predictor.review_reasons(pred)
         by_key = {k: j for j, k in enumerate(pred.keys)}
         failed = dict(pred.failed)
-        for (fname, i, cell, _), key in zip(pending, keys):
+        for (fname, i, cell, _), key in zip(pending, keys, strict=True):
             if key not in by_key:
                 raise LeukoError(f"cannot classify cell {i} of {fname}: {failed.get(key, 'unknown reason')}")
             j = by_key[key]
@@ -337,7 +342,7 @@ def predict_fields(
                 why.append(f"unsure it is a white cell (detection score {cell.score:.2f})")
             rows.append(FieldCell(
                 field=fname, index=i, box=tuple(float(v) for v in cell.box), score=float(cell.score), edge=bool(cell.edge),
-                label=pred.classes[int(np.argmax(p))], probs={c: float(v) for c, v in zip(pred.classes, p)},
+                label=pred.classes[int(np.argmax(p))], probs={c: float(v) for c, v in zip(pred.classes, p, strict=True)},
                 review=bool(why), review_reasons=tuple(why),
             ))
         pending.clear()
@@ -371,7 +376,7 @@ def predict_fields(
 
 
 def count_fields(
-    predictor: "BasePredictor",
+    predictor: BasePredictor,
     fields: Sequence[str | Path] | str | Path,
     *,
     sample: str | None = None,

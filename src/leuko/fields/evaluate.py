@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -193,11 +193,11 @@ class DetectionReport:
         hits = [m >= 0 for f in self.fields for m in f.matched]
         return average_precision(scores, hits, self.n_truth)
 
-    def at_score(self, threshold: float) -> "DetectionReport":
+    def at_score(self, threshold: float) -> DetectionReport:
         """The same detections read at another operating threshold."""
         return DetectionReport(self.fields, self.iou, self.label, self.seconds, list(self.notes), float(threshold))
 
-    def subset(self, names: Iterable[str]) -> "DetectionReport":
+    def subset(self, names: Iterable[str]) -> DetectionReport:
         """The report over the named fields only (e.g. one fold of a cross-validation)."""
         keep = set(names)
         return DetectionReport([f for f in self.fields if f.name in keep], self.iou, self.label, 0.0,
