@@ -86,8 +86,6 @@ def test_predict_matches_predictor(client: TestClient, serve_run: Path, cell_ima
 
 
 def test_review_flag_follows_policy(client: TestClient, serve_run: Path, cell_images: list[Path]) -> None:
-    from leuko.infer.review import ReviewPolicy
-
     pred = load_predictor(serve_run)
     ref = pred.predict_paths(cell_images)
     expected = pred.review_policy.reasons(ref.logits, ref.probs, pred.temperature)
