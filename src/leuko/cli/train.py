@@ -47,18 +47,37 @@ def train_cmd(
 @app.command("cv")
 def cv_cmd(
     config: Path = typer.Argument(..., help="YAML run config to cross-validate."),
-    folds: int = typer.Option(5, "--folds", "-k", help="Number of folds (K)."),
+    folds: int | None = typer.Option(None, "--folds", "-k", help="Number of folds (K, default 5)."),
     grouped: bool = typer.Option(False, "--grouped", help="Group K-fold: a patient/cell group never straddles folds."),
+    leave_one_lab_out: bool = typer.Option(False, "--leave-one-lab-out", help="Instead of folds: one run per lab of data.sources, trained on the others, tested on all of it."),
     data: Path | None = DataOverrideOpt,
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default runs/<config>-cv<K>); re-run to resume."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default runs/<config>-cv<K> or runs/<config>-lolo); re-run to resume."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key (repeatable)."),
 ) -> None:
-    """Stratified (or group) K-fold cross-validation: a run per fold, a table per fold, mean ± std."""
+    """Stratified (or group) K-fold cross-validation: a run per fold, a table per fold, mean ± std.
+
+    With --leave-one-lab-out (a config with data.sources): a run per lab left out, a table per lab
+    (accuracy, macro-F1 over classes with >= 10 cells, balanced accuracy, 95% CIs), mean and worst lab.
+    """
     from leuko.evaluate.metrics import format_mean_std
     from leuko.run.config import load_config
     from leuko.studies.grid import cross_validate
 
     cfg = load_config(config, set_)
+    if leave_one_lab_out:
+        from leuko.studies.grid import leave_one_lab_out as lolo
+
+        if folds is not None or grouped:
+            raise LeukoError("--leave-one-lab-out splits by lab: drop --folds/--grouped")
+        if data is not None:
+            raise LeukoError("--leave-one-lab-out reads the paths of data.sources: drop --data")
+        res = lolo(cfg, out or Path("runs") / f"{config.stem}-lolo", echo=console.print)
+        cols = ["lab", "n_test", "accuracy", "macro_f1_common", "balanced_accuracy", "train_time_min"]
+        summary = [{"lab": k, **v} for k, v in res["summary"].items()]
+        console.print(rows_table("leave-one-lab-out", res["labs"] + summary, cols))
+        print_written(f"{res['out']}/lolo.csv, lolo.md, lolo.json, lolo.png")
+        return
+    folds = 5 if folds is None else folds
     target = out or Path("runs") / f"{config.stem}-cv{folds}"
     res = cross_validate(cfg, target, folds, grouped=grouped, data_path=data, echo=console.print)
     console.print(rows_table(f"{folds}-fold cross-validation", res["folds"], ["cell", "accuracy", "precision", "recall", "f1", "n_test", "train_time_min"]))

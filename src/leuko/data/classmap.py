@@ -86,6 +86,27 @@ class ClassMap:
             m[i, t_index[target]] = 1.0
         return m, notes
 
+    def label_map(self, labels: list[str], classes: list[str], *, where: str = "the data") -> dict[str, str | None]:
+        """How a dataset's labels become ``classes`` (training on several labs): label → class, ``None`` = dropped.
+
+        The same file read the other way round: ``merge`` renames a label (``ig: neutrophil``: PBC's immature
+        granulocytes are trained as neutrophils), ``exclude`` drops its images. A label that ends up outside
+        ``classes`` is an error naming it, so no class disappears silently.
+        """
+        unknown = sorted((set(self.merge) | set(self.exclude)) - set(labels))
+        if unknown:
+            raise LeukoError(f"class map for {where} names {unknown}, which {where} does not have ({sorted(labels)})")
+        out: dict[str, str | None] = {}
+        lost = []
+        for label in labels:
+            target = None if label in self.exclude else self.merge.get(label, label)
+            if target is not None and target not in classes:
+                lost.append(label if target == label else f"{label} (merged into {target})")
+            out[label] = target
+        if lost:
+            raise LeukoError(f"{where} has label(s) {lost} outside the classes {classes}: merge or exclude them in its class_map")
+        return out
+
 
 def map_probs(probs: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Target-class probabilities: merged classes add up, excluded ones drop out, rows renormalised."""

@@ -30,6 +30,11 @@ class Sample:
         source_split: the dataset's own split (Mooney ``TRAIN``/``TEST``).
         crop: ``(left, top, right, bottom)`` in source pixels when the sample
             is a region of ``path`` rather than the whole file.
+        source: the lab the image comes from when a run reads several
+            datasets (``data.sources``: ``pbc``, ``bccd``, ``lisc``); ``None``
+            for a single dataset. Layouts leave it unset; :mod:`leuko.run.data`
+            sets it. Splits are made within each source, balancing and
+            leave-one-lab-out use it, and evaluation breaks metrics down by it.
     """
 
     path: Path
@@ -38,6 +43,7 @@ class Sample:
     subtype: str | None = None
     source_split: str | None = None
     crop: Box | None = None
+    source: str | None = None
 
     @property
     def key(self) -> str:

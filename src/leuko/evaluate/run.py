@@ -135,6 +135,12 @@ def evaluate_run(
     c2i = {c: i for i, c in enumerate(target_classes)}
     y = np.array([c2i[s.label] for s in kept], dtype=int)
     metrics = compute_metrics(y, probs, target_classes)
+    labs = [s.source for s in kept]
+    if len({lab for lab in labs if lab is not None}) > 1:
+        metrics["by_source"] = by_source_metrics(labs, y, probs, target_classes)
+        for lab, row in metrics["by_source"].items():
+            echo(f"  {lab}: {row['n']} images, accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}, "
+                 f"balanced accuracy {row['balanced_accuracy']:.4f}")
     metrics["data"] = {"source": source, "split": split, "n_images": len(kept), "failed": pred.failed}
     metrics["review"] = review_summary(predictor, pred, y == probs.argmax(1))
     if pred.answered_by is not None:
@@ -152,6 +158,8 @@ def evaluate_run(
         write_table(epoch_table(run.metrics), out_dir / "epochs", title=f"Per-epoch accuracy and loss: {run.path.name}")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     frame = predictions_frame([str(s.path) if s.crop is None else s.key for s in kept], y, probs, target_classes)
+    if any(lab is not None for lab in labs):  # data.sources: the lab of each row
+        frame.insert(1, "source", labs)
     if pred.answered_by is not None:  # a routed run: which network answered each row (the report explains with it)
         frame["answered_by"] = pred.answered_by
         frame["routed_because"] = pred.route_reasons
@@ -163,6 +171,28 @@ def evaluate_run(
     metrics["report"] = report
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+BY_SOURCE_KEYS: tuple[str, ...] = ("n", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "ci95")
+
+
+def by_source_metrics(labs: list[str | None], y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Headline metrics of each lab's images (``metrics["by_source"]``, when the data has several labs).
+
+    Macro averages run over the classes the lab has (a lab without basophils is not scored 0 on them);
+    ``macro_f1_common`` is macro-F1 over its classes with >= 10 images (``small_classes``).
+    """
+    out: dict[str, Any] = {}
+    arr = np.asarray([lab if lab is not None else "" for lab in labs], dtype=object)
+    for lab in sorted({lab for lab in labs if lab is not None}):
+        mask = arr == lab
+        present = sorted(set(y[mask].tolist()))
+        m = compute_metrics(y[mask], probs[mask], classes, labels_present=present)
+        row = {k: m[k] for k in BY_SOURCE_KEYS}
+        row["macro_f1_common"] = (m.get("small_classes") or {}).get("macro_f1_common", m["macro_f1"])
+        row["per_class_recall"] = {c: v["recall"] for c, v in m["per_class"].items() if v["support"]}
+        out[lab] = row
+    return out
 
 
 def review_summary(predictor: Any, pred: Any, correct: np.ndarray) -> dict[str, Any]:

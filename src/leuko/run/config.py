@@ -8,17 +8,62 @@ overrides go through the same validation).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from leuko.errors import LeukoError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+CLASS_SETS: dict[str, list[str]] = {
+    "five": ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"],
+    "pbc8": ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"],
+}
+"""Names ``data.classes`` accepts for a common class set: the five white-cell types every lab labels, or PBC's 8."""
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SourceConfig(_Strict):
+    """One dataset (one lab, or part of one) of a run that reads several (``data.sources``)."""
+
+    path: str = Field(..., description="Dataset folder or CSV manifest (relative to the working directory).")
+    layout: Optional[str] = Field(None, description="Layout name; detected when omitted.")
+    layout_options: dict[str, Any] = Field(default_factory=dict, description="Extra layout options, e.g. {margin: 0.2} for bccd.")
+    class_map: Optional[str] = Field(None, description="Class map (file or shipped name, e.g. pbc-to-five) from this source's labels onto data.classes: merged labels are renamed, excluded ones dropped.")
+    name: Optional[str] = Field(None, description="Name of the source (default: the folder name).")
+    lab: Optional[str] = Field(None, description="The lab it comes from (default: its name); sources sharing a lab are one lab for splitting by lab, balancing and leave-one-lab-out (Mooney's copies of BCCD cells: lab: bccd).")
+    source_splits: Optional[list[str]] = Field(None, description="Keep only these of the dataset's own splits (e.g. [TRAIN, TEST_SIMPLE] for Mooney).")
+    train_only: bool = Field(False, description="Every image goes to training, none to validation or test; left out with its lab. For copies of another source's cells that file names cannot tie to them (Mooney).")
+
+    @field_validator("name", "lab")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not _NAME.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names folders)")
+        return v
+
+    @property
+    def source_name(self) -> str:
+        return self.name or Path(self.path).name
+
+    @property
+    def lab_name(self) -> str:
+        return self.lab or self.source_name
 
 
 class DataConfig(_Strict):
@@ -29,8 +74,10 @@ class DataConfig(_Strict):
     layout: Optional[str] = Field(None, description="Layout name; detected when omitted.")
     layout_options: dict[str, Any] = Field(default_factory=dict, description="Extra layout options, e.g. {margin: 0.2} for bccd.")
     source_splits: Optional[list[str]] = Field(None, description="Keep only these source splits (e.g. [TRAIN, TEST] for Mooney).")
-    classes: Optional[list[str]] = Field(None, description="Keep only these classes (in this order).")
-    per_class: Optional[int] = Field(None, gt=0, description="Use at most this many images per class (random, seeded).")
+    classes: Optional[list[str]] = Field(None, description="Keep only these classes (in this order); with sources: the common classes every source's labels map onto. A list, or five / pbc8.")
+    sources: Optional[list[SourceConfig]] = Field(None, description="Several datasets (labs) at once, each with path, layout and class_map; replaces path/dataset/layout/layout_options/source_splits.")
+    leave_out: Optional[str] = Field(None, description="With sources: test on every image of this lab, train and validate (val_fraction) on the other labs ('leuko cv --leave-one-lab-out' sets it).")
+    per_class: Optional[int] = Field(None, gt=0, description="Use at most this many images per class (random, seeded; with sources: per class of each source).")
     split: str = Field("holdout-80-10-10", description="Split preset (holdout-70-30, holdout-80-20, holdout-80-10-10, source, kfold-K, group-kfold-K) or a split JSON file.")
     fold: Optional[int] = Field(None, ge=0, description="Which fold to train for a K-fold split.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Validation fraction carved from training when the split has none.")
@@ -41,6 +88,52 @@ class DataConfig(_Strict):
     augment: str = Field("none", description="Augmentation preset: none, study, cells, stain.")
     cache: bool = Field(True, description="Cache decoded, resized images on disk.")
     num_workers: Optional[int] = Field(None, ge=0, description="DataLoader worker processes (default: by CPU count).")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_set(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in CLASS_SETS:
+                raise ValueError(f"must be a list of class names or one of {', '.join(CLASS_SETS)}")
+            return list(CLASS_SETS[v])
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataConfig":
+        if self.sources is None:
+            if self.leave_out is not None:
+                raise ValueError("data.leave_out needs data.sources (several labs)")
+            return self
+        if not self.sources:
+            raise ValueError("data.sources must list at least one dataset")
+        for key in ("path", "layout", "source_splits"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"data.{key} cannot be combined with data.sources: set it per source")
+        if self.layout_options or self.dataset != "pbc":  # (the default dataset is dumped with every config)
+            key = "layout_options" if self.layout_options else "dataset"
+            raise ValueError(f"data.{key} cannot be combined with data.sources: set it per source")
+        if not self.classes:
+            raise ValueError("data.sources needs data.classes: the common classes (a list, or five / pbc8)")
+        names = [s.source_name for s in self.sources]
+        for name in names:
+            if not _NAME.match(name):
+                raise ValueError(f"data.sources: cannot name a source after {name!r}; give it a name")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"data.sources: two sources are named {twice[0]!r}; give them distinct names")
+        if self.leave_out is not None:
+            labs = self.labs()
+            if self.leave_out not in labs:
+                raise ValueError(f"data.leave_out: no lab named {self.leave_out!r}; labs: {', '.join(labs)}")
+            if all(s.train_only for s in self.sources if s.lab_name == self.leave_out):
+                raise ValueError(f"data.leave_out: lab {self.leave_out!r} has only train_only sources, nothing to test on")
+            if self.fold is not None or "kfold" in self.split:
+                raise ValueError("data.leave_out cannot be combined with a K-fold split: the left-out lab is the test set")
+        return self
+
+    def labs(self) -> list[str]:
+        """The labs of ``sources``, in order of first appearance (empty for one dataset)."""
+        return list(dict.fromkeys(s.lab_name for s in self.sources or []))
 
 
 class ModelConfig(_Strict):
@@ -80,7 +173,8 @@ class TrainConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["none", "balanced"] = "none"
-    sampler: Literal["none", "balanced"] = "none"
+    sampler: Literal["none", "balanced", "sources"] = Field("none", description="balanced: every class equally often; sources: that, and within each class every lab (data.sources) equally often.")
+    source_balance: float = Field(1.0, ge=0.0, le=1.0, description="sampler: sources: 1 = each lab an equal share of a class, 0 = labs in proportion to their cells, 0.5 = in proportion to the square root.")
     grad_clip: Optional[float] = Field(None, gt=0.0)
     early_stopping: Optional[int] = Field(None, ge=1, description="Stop after this many epochs without validation improvement.")
     ema: Optional[float] = Field(None, gt=0.0, lt=1.0, description="EMA decay of weights (e.g. 0.999).")
@@ -124,6 +218,8 @@ class RunConfig(_Strict):
     def _consistency(self) -> "RunConfig":
         if self.model.two_stage_epochs >= self.train.epochs and self.model.two_stage_epochs > 0:
             raise ValueError("model.two_stage_epochs must be smaller than train.epochs")
+        if self.train.sampler == "sources" and not self.data.sources:
+            raise ValueError("train.sampler: sources needs data.sources (several labs)")
         return self
 
     def to_yaml(self) -> str:
@@ -140,7 +236,8 @@ def format_validation_error(exc: ValidationError) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            parts.append(f"{loc}: {msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""))
+            head = "" if loc == "config" or msg.startswith(loc + ".") else f"{loc}: "  # a section's check names its key
+            parts.append(f"{head}{msg}" + (f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""))
     more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
     return "invalid config: " + "; ".join(parts) + more
 

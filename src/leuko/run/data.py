@@ -3,22 +3,57 @@
 Training and evaluation both call :func:`prepare_data`, so the class filter,
 the per-class sample cap and the split are derived the same way from the
 same config, and a saved split file pins them exactly.
+
+With ``data.sources`` (several datasets, several labs) the same function
+loads each source, maps its labels onto ``data.classes`` with the source's
+class map (excluded labels dropped and counted), tags every sample with its
+lab (:attr:`Sample.source`), and splits *within* each source (group-aware as
+for one dataset), or, with ``data.leave_out``, tests on all of one lab and
+trains and validates on the others. Sample keys are relative to the folder
+the sources share, so the saved split still applies after they move together.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from leuko.data import DatasetIndex, Sample, load_dataset
+from leuko.data.classmap import ClassMap
 from leuko.data.locate import resolve_data
-from leuko.data.splits import Split, make_split
+from leuko.data.splits import ROLES, Split, assign_holdout, make_split
 from leuko.data.transforms import Transform, build_transforms
 from leuko.errors import LeukoError
 from leuko.run.config import DataConfig
+
+
+@dataclass
+class LoadedSource:
+    """One dataset of ``data.sources``, its labels already mapped onto the common classes."""
+
+    name: str
+    lab: str
+    root: Path
+    layout: str
+    train_only: bool
+    samples: list[Sample]
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Images left out because the class map excludes their label (label -> count)."""
+    skipped: int = 0
+    source_roles: dict[str, str] = field(default_factory=dict)
+
+    def summary(self, assignments: dict[str, str], root: Path) -> dict[str, Any]:
+        roles = Counter(assignments.get(s.relkey(root), "unused") for s in self.samples)
+        return {
+            "name": self.name, "lab": self.lab, "root": str(self.root), "layout": self.layout,
+            "train_only": self.train_only, "images": len(self.samples), "dropped": dict(sorted(self.dropped.items())),
+            "skipped": self.skipped, "roles": {r: roles.get(r, 0) for r in (*ROLES, "unused") if r != "unused" or roles.get(r)},
+        }
 
 
 @dataclass
@@ -31,6 +66,8 @@ class PreparedData:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
+    sources: list[LoadedSource] = field(default_factory=list)
+    """The datasets of ``data.sources`` (empty for one dataset)."""
 
     def summary(self) -> dict:
         def counts(items: list[Sample]) -> dict[str, int]:
@@ -39,7 +76,7 @@ class PreparedData:
                 out[s.label] += 1
             return out
 
-        return {
+        out = {
             "root": str(self.index.root),
             "layout": self.index.layout,
             "classes": self.classes,
@@ -48,6 +85,10 @@ class PreparedData:
             "counts": {"train": counts(self.train), "val": counts(self.val), "test": counts(self.test)},
             "skipped": len(self.index.skipped),
         }
+        if self.sources:
+            out["sources"] = [s.summary(self.split.assignments, self.index.root) for s in self.sources]
+            out["notes"] = list(self.split.notes)
+        return out
 
 
 def load_index(cfg: DataConfig, data_path: str | Path | None = None) -> DatasetIndex:
@@ -97,6 +138,8 @@ def prepare_data(
     ``split_file`` (a run's ``split.json``) overrides ``cfg.split`` so a run is
     evaluated or resumed on exactly the samples it was trained on.
     """
+    if cfg.sources:
+        return _prepare_sources(cfg, seed=seed, data_path=data_path, split_file=split_file)
     index = load_index(cfg, data_path)
     split_seed = cfg.split_seed if cfg.split_seed is not None else seed
     if split_file is None and cfg.split.endswith(".json"):
@@ -126,6 +169,167 @@ def prepare_data(
     if missing:
         raise LeukoError(f"class(es) {missing} have no training image after the split")
     return PreparedData(index, split, list(index.classes), train, val, test)
+
+
+# --------------------------------------------------------------------------- several sources
+
+
+def load_sources(cfg: DataConfig, *, seed: int, cap: bool = True) -> tuple[DatasetIndex, list[LoadedSource]]:
+    """Every source of ``cfg.sources``, labels mapped onto ``cfg.classes``, as one index (and each on its own).
+
+    The index's root is the folder the sources share; its layout is ``sources``.
+    ``cap``: apply ``data.per_class`` (within each source).
+    """
+    classes = list(cfg.classes or [])
+    loaded: list[LoadedSource] = []
+    skipped = []
+    notes: list[str] = []
+    for src in cfg.sources or []:
+        name = src.source_name
+        path = Path(src.path).expanduser()
+        if not path.exists():
+            raise LeukoError(f"data.sources: source {name!r}: path does not exist: {path}")
+        index = load_dataset(path, src.layout, source_splits=src.source_splits, **src.layout_options)
+        cmap = ClassMap.load(src.class_map) if src.class_map else ClassMap()
+        labels = sorted(set(index.classes) | {s.label for s in index.samples})
+        mapping = cmap.label_map(labels, classes, where=f"source {name!r}")
+        dropped: Counter[str] = Counter()
+        samples = []
+        for s in index.samples:
+            target = mapping[s.label]
+            if target is None:
+                dropped[s.label] += 1
+            else:
+                samples.append(replace(s, label=target, source=src.lab_name))
+        if cap and cfg.per_class:
+            samples = cap_per_class(samples, cfg.per_class, seed)
+        if not samples:
+            raise LeukoError(f"data.sources: source {name!r} has no image of the classes {classes} left")
+        if dropped:
+            notes.append(f"{name}: class map excludes " + ", ".join(f"{k} ({v})" for k, v in sorted(dropped.items())))
+        notes += [f"{name}: {n}" for n in index.notes]
+        skipped += index.skipped
+        loaded.append(LoadedSource(name, src.lab_name, index.root, index.layout, src.train_only, samples,
+                                   dict(dropped), len(index.skipped), dict(index.source_roles)))
+    root = Path(os.path.commonpath([str(s.root.resolve()) for s in loaded]))
+    seen: dict[str, str] = {}
+    for src in loaded:
+        for s in src.samples:
+            other = seen.setdefault(s.relkey(root), src.name)
+            if other != src.name:
+                raise LeukoError(f"data.sources: sources {other!r} and {src.name!r} both hold {s.relkey(root)}: they overlap")
+    samples = [s for src in loaded for s in src.samples]
+    return DatasetIndex(root, "sources", samples, classes, skipped, [], notes), loaded
+
+
+def split_sources(index: DatasetIndex, loaded: list[LoadedSource], cfg: DataConfig, seed: int) -> Split:
+    """Train/val/test within each source (the preset of ``cfg.split``, group-aware), or leave one lab out.
+
+    ``train_only`` sources go to training whole; with ``cfg.leave_out`` their lab's train-only
+    sources are dropped (neither trained nor tested on). A K-fold preset needs ``cfg.fold``.
+    """
+    root = index.root
+    vf = cfg.val_fraction
+    assign: dict[str, str] = {}
+    notes: list[str] = []
+    preset = cfg.split
+    for src in loaded:
+        keys = [s.relkey(root) for s in src.samples]
+        if cfg.leave_out is not None and src.lab == cfg.leave_out:
+            if src.train_only:
+                notes.append(f"{src.name}: train_only, left out with lab {src.lab} ({len(keys)} images neither trained nor tested on)")
+            else:
+                assign.update(dict.fromkeys(keys, "test"))
+            continue
+        if src.train_only:
+            assign.update(dict.fromkeys(keys, "train"))
+            others = [o.name for o in loaded if o.lab == src.lab and not o.train_only]
+            if others and cfg.leave_out is None:
+                notes.append(f"{src.name}: train_only, all {len(keys)} images train; they are copies of cells that file names do not "
+                             f"tie to {', '.join(others)}'s, so lab {src.lab}'s val/test may share cells with training: "
+                             f"judge {src.lab} by leaving it out (leuko cv --leave-one-lab-out)")
+            else:
+                notes.append(f"{src.name}: train_only, all {len(keys)} images train")
+            continue
+        if cfg.leave_out is not None:
+            assign.update(assign_holdout(src.samples, root, (1.0 - vf, vf, 0.0), seed))
+            continue
+        sub = DatasetIndex(root, src.layout, src.samples, sorted({s.label for s in src.samples}), source_roles=src.source_roles)
+        grouped = any(s.group is not None for s in src.samples)
+        own = preset.removeprefix("group-") if preset.startswith("group-kfold-") and not grouped else preset
+        try:
+            part = make_split(sub, own, seed=seed, val_fraction=vf)
+            if part.folds is not None:
+                if cfg.fold is None:
+                    raise LeukoError(f"split {preset!r} has {part.n_folds} folds: set data.fold (0..{part.n_folds - 1}) or use 'leuko cv'")
+                part = part.fold(cfg.fold, sub, vf)
+        except LeukoError as exc:
+            raise LeukoError(f"source {src.name!r}: {exc}") from None
+        assign.update(part.assignments)
+        notes += [f"{src.name}: {n}" for n in part.notes]
+    if cfg.leave_out is not None:
+        name = f"leave-out-{cfg.leave_out}"
+        notes.insert(0, f"lab {cfg.leave_out} is the test set; the other labs split {1 - vf:g}/{vf:g} into train/val within each source")
+    else:
+        name = f"{preset}[fold {cfg.fold}]" if cfg.fold is not None and "kfold" in preset else preset
+        notes.insert(0, f"split {preset} within each source")
+    grouped = any(s.group is not None for s in index.samples)
+    split = Split(name, seed, grouped, assign, None, vf, notes)
+    leaks = split.check_groups(index)
+    if leaks:  # pragma: no cover - each source is split group-aware and sources share no group
+        raise RuntimeError(f"internal error: groups split across roles: {leaks[:5]}")
+    return split
+
+
+def _prepare_sources(cfg: DataConfig, *, seed: int, data_path: str | Path | None, split_file: Path | None) -> PreparedData:
+    if data_path is not None:
+        raise LeukoError("--data cannot be used with data.sources: each source names its own path")
+    split_seed = cfg.split_seed if cfg.split_seed is not None else seed
+    if split_file is None and cfg.split.endswith(".json"):
+        split_file = Path(cfg.split)
+    index, loaded = load_sources(cfg, seed=split_seed, cap=split_file is None)
+    if split_file is not None:
+        split = Split.load(split_file)
+        if split.folds is not None:
+            if cfg.fold is None:
+                raise LeukoError(f"split {split.preset!r} has {split.n_folds} folds: set data.fold (0..{split.n_folds - 1}) or use 'leuko cv'")
+            split = split.fold(cfg.fold, index, cfg.val_fraction)
+    else:
+        split = split_sources(index, loaded, cfg, split_seed)
+    named = set(split.assignments)
+    index = index.subset(s for s in index.samples if s.relkey(index.root) in named)
+    train, val, test = (split.samples(index, r) for r in ROLES)
+    if not train:
+        raise LeukoError("the split leaves no training images")
+    missing = [c for c in index.classes if c not in {s.label for s in train}]
+    if missing:
+        raise LeukoError(f"class(es) {missing} have no training image in any source after the split")
+    return PreparedData(index, split, list(index.classes), train, val, test, loaded)
+
+
+def source_weights(samples: list[Sample], power: float = 1.0) -> np.ndarray:
+    """Per-sample sampling weights of ``train.sampler: sources`` (mean 1).
+
+    Every class gets the same share of the draws (as ``sampler: balanced``); within a
+    class, lab ``s`` with ``n_s`` of its images gets a share in proportion to
+    ``n_s ** (1 - power)``: ``power`` 1 gives every lab the same share (LISC's 53
+    neutrophils weigh as much as PBC's 2,173), 0 leaves labs in proportion to their
+    images, 0.5 in proportion to the square root. Samples without a lab count as one lab.
+    """
+    if not samples:
+        return np.zeros(0)
+    counts = Counter((s.label, s.source) for s in samples)
+    by_class: dict[str, dict[str | None, int]] = defaultdict(dict)
+    for (label, lab), n in counts.items():
+        by_class[label][lab] = n
+    share: dict[tuple[str, str | None], float] = {}
+    for label, labs in by_class.items():
+        raw = {lab: float(n) ** (1.0 - power) for lab, n in labs.items()}
+        total = sum(raw.values())
+        for lab, n in labs.items():
+            share[(label, lab)] = raw[lab] / total / n / len(by_class)
+    w = np.array([share[(s.label, s.source)] for s in samples])
+    return w * len(samples)
 
 
 def run_transform(cfg: DataConfig, info: Any, *, train: bool, seed: int | None = None) -> Transform:

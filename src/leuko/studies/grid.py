@@ -8,7 +8,7 @@ run config, trained into its own run folder under one output folder:
                              with a different plan is refused, not mixed in
     OUT/<cell>/              an ordinary run folder (train, evaluate, report work on it)
     OUT/<cell>/eval/test/    its held-out evaluation (metrics.json, predictions.csv, figures)
-    OUT/compare.{csv,md,png} or OUT/cv.{csv,md,json,png}
+    OUT/compare.{csv,md,png} or OUT/cv.{csv,md,json,png} or OUT/lolo.{csv,md,json,png}
 
 Re-running the same command resumes: a cell with a model and an evaluation
 is skipped, a cell interrupted mid-training continues from its last
@@ -31,6 +31,11 @@ Grid file (YAML)::
       train.batch_size: [16, 32]
     folds: 5                                 # optional: cross-validate every cell (mean ± std)
     grouped: false                           # group K-fold (patients/subjects never straddle folds)
+    leave_one_lab_out: true                  # or: judge every cell lab by lab (a config with data.sources)
+
+Leave-one-lab-out (``leuko cv CONFIG --leave-one-lab-out``, :func:`leave_one_lab_out`)
+is one cell per lab of ``data.sources``: ``without-<lab>`` trains and validates
+on the other labs and is tested on every image of that lab (``data.leave_out``).
 """
 
 from __future__ import annotations
@@ -44,14 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+import leuko.train  # called as leuko.train.train, so a test can spy on it
 from leuko.errors import LeukoError
 from leuko.evaluate.figures import plot_compare_bars
-from leuko.evaluate.metrics import format_mean_std
+from leuko.evaluate.metrics import SMALL_CLASS, format_mean_std
 from leuko.evaluate.run import default_eval_dir, evaluate_run
-from leuko.evaluate.tables import ROW_COLUMNS, metrics_row, write_table
+from leuko.evaluate.tables import ROW_COLUMNS, markdown_table, metrics_row, write_table
 from leuko.run.config import (
     RunConfig,
     config_from_dict,
@@ -61,7 +68,6 @@ from leuko.run.config import (
     read_yaml_mapping,
 )
 from leuko.run.folder import RunFolder
-from leuko.train import train
 
 Echo = Callable[[str], None]
 
@@ -140,14 +146,14 @@ def run_cell(
             echo(f"cell {cell.name}: trained earlier: evaluating")
         elif run.last_ckpt.is_file():
             echo(f"cell {cell.name}: interrupted earlier: resuming from its last checkpoint")
-            train(None, run_dir, data_path=data_path, resume=True, echo=echo)
+            leuko.train.train(None, run_dir, data_path=data_path, resume=True, echo=echo)
         else:
             if run_dir.exists():
                 # Started but stopped before its first checkpoint: nothing to keep but the log.
                 echo(f"cell {cell.name}: stopped before its first epoch ended earlier: starting it again")
                 shutil.rmtree(run_dir)
             echo(f"cell {cell.name}: training")
-            train(cell.config, run_dir, data_path=data_path, echo=echo)
+            leuko.train.train(cell.config, run_dir, data_path=data_path, echo=echo)
         evaluate_run(run_dir, split=eval_split, echo=echo)
     metrics = json.loads(metrics_file.read_text())
     summary = run.read_json("summary.json") if run.summary.is_file() else {}
@@ -215,6 +221,149 @@ def cross_validate(
     return {"folds": rows, "summary": summary, "table": table, "out": str(out)}
 
 
+# --------------------------------------------------------------------------- leave one lab out
+
+#: The per-lab table's scores (each with ``_lo``/``_hi`` 95% bounds in the CSV).
+LAB_METRICS = ["accuracy", "macro_f1_common", "balanced_accuracy"]
+LAB_HEADERS = {"lab": "Lab left out", "n_test": "Test cells", "accuracy": "Accuracy (95% CI)",
+               "macro_f1_common": f"Macro-F1, classes >= {SMALL_CLASS} cells (95% CI)",
+               "balanced_accuracy": "Balanced acc. (95% CI)", "common_classes": "Classes in macro-F1",
+               "train_time_min": "Training (min)"}
+
+
+def lab_cells(config: RunConfig, *, prefix: str = "") -> list[Cell]:
+    """One cell per lab of ``config.data.sources``: ``without-<lab>`` (``data.leave_out: <lab>``)."""
+    data = config.data
+    if not data.sources:
+        raise LeukoError("leave-one-lab-out needs a config with data.sources (several labs)")
+    if data.leave_out is not None:
+        raise LeukoError(f"the config already leaves out lab {data.leave_out!r} (data.leave_out): remove it to leave out each lab in turn")
+    labs = data.labs()
+    testable = [lab for lab in labs if any(not s.train_only for s in data.sources if s.lab_name == lab)]
+    if len(labs) < 2 or not testable:
+        raise LeukoError(f"leave-one-lab-out needs at least two labs in data.sources; the config has {labs}")
+    base = config.model_dump(mode="json")
+    cells = []
+    for lab in testable:
+        name = f"{prefix}without-{lab}"
+        try:
+            cfg = config_from_dict(merge_config(base, {"data": {"leave_out": lab}}))
+        except LeukoError as exc:
+            raise LeukoError(f"cell {name}: {exc}") from None
+        cells.append(Cell(name, cfg, {"left_out": lab}))
+    return cells
+
+
+def lab_scores(predictions: Path, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the classes with >= ``SMALL_CLASS`` cells and balanced accuracy of one
+    ``predictions.csv``, each with a percentile-bootstrap 95% interval (resampling cells)."""
+    frame = pd.read_csv(predictions)
+    c2i = {c: i for i, c in enumerate(classes)}
+    y = frame["true"].map(c2i).to_numpy(dtype=np.int64)
+    pred = frame["pred"].map(c2i).to_numpy(dtype=np.int64)
+    n, k = y.size, len(classes)
+    support = np.bincount(y, minlength=k)
+    common = np.flatnonzero(support >= SMALL_CLASS)
+    if common.size == 0:  # every class small: use them all, the interval says how little that means
+        common = np.flatnonzero(support > 0)
+    present = support > 0
+
+    def scores(yt: np.ndarray, yp: np.ndarray) -> np.ndarray:
+        """(B, 3): accuracy, macro-F1 over ``common``, balanced accuracy of each row of resampled indices."""
+        b = yt.shape[0]
+        off = (np.arange(b, dtype=np.int64) * k)[:, None]
+        ok = yt == yp
+        kt, kp = (yt + off).ravel(), (yp + off).ravel()
+        n_true = np.bincount(kt, minlength=b * k).reshape(b, k).astype(float)
+        n_pred = np.bincount(kp, minlength=b * k).reshape(b, k).astype(float)
+        tp = np.bincount(kt[ok.ravel()], minlength=b * k).reshape(b, k).astype(float)
+        denom = n_true + n_pred
+        f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+        recall = np.divide(tp, n_true, out=np.full_like(tp, np.nan), where=n_true > 0)
+        recall[:, ~present] = np.nan
+        return np.stack([ok.mean(axis=1), f1[:, common].mean(axis=1), np.nanmean(recall, axis=1)], axis=1)
+
+    point = scores(y[None, :], pred[None, :])[0]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // max(n, 1))
+    boot = []
+    for start in range(0, n_bootstrap, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))
+        boot.append(scores(y[idx], pred[idx]))
+    lo, hi = np.percentile(np.concatenate(boot), [2.5, 97.5], axis=0) if boot else (point * np.nan, point * np.nan)
+    out: dict[str, Any] = {"n_test": int(n)}
+    for i, name in enumerate(LAB_METRICS):
+        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = float(point[i]), float(lo[i]), float(hi[i])
+    out["common_classes"] = ", ".join(classes[c] for c in common)
+    return out
+
+
+def _with_ci(row: dict[str, Any], key: str) -> str:
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+        return f"{v:.4f}"
+    return f"{v:.4f} ({lo:.4f}-{hi:.4f})"
+
+
+def lab_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``mean`` (unweighted, over labs) and ``worst`` (the lowest lab) of each score."""
+    return {
+        "mean": {m: float(np.mean([r[m] for r in rows])) for m in [*LAB_METRICS, "train_time_min"]},
+        "worst": {m: float(np.min([r[m] for r in rows])) for m in LAB_METRICS},
+    }
+
+
+def run_lab_cells(cells: list[Cell], out: Path, *, echo: Echo = print) -> list[dict[str, Any]]:
+    """Train and evaluate each ``without-<lab>`` cell (resumably); one row per lab with 95% CIs."""
+    rows = []
+    for c in cells:
+        base = run_cell(c, out, echo=echo)
+        lab = c.changes["left_out"]
+        preds = default_eval_dir(_cell_dir(out, c), None, "test") / "predictions.csv"
+        row = {"lab": lab, "cell": c.name, **lab_scores(preds, list(c.config.data.classes or [])),
+               "macro_f1": base["f1"], "epochs": base["epochs"], "train_time_min": base["train_time_min"]}
+        echo(f"left out {lab}: {row['n_test']} cells, accuracy {_with_ci(row, 'accuracy')}, "
+             f"macro-F1 (classes >= {SMALL_CLASS}) {_with_ci(row, 'macro_f1_common')}")
+        rows.append(row)
+    return rows
+
+
+def leave_one_lab_out(config: RunConfig, out: str | Path, *, echo: Echo = print) -> dict[str, Any]:
+    """Train once per lab left out, test on all of it: ``OUT/without-<lab>/`` and ``OUT/lolo.{csv,md,json,png}``."""
+    out = Path(out)
+    cells = lab_cells(config)
+    check_plan(out, cells, "lolo")
+    echo(f"leave-one-lab-out over {', '.join(c.changes['left_out'] for c in cells)} into {out}")
+    rows = run_lab_cells(cells, out, echo=echo)
+    summary = lab_summary(rows)
+    frame = pd.DataFrame(rows)
+    extra = pd.DataFrame([{"lab": k, **v} for k, v in summary.items()])
+    pd.concat([frame, extra], ignore_index=True).to_csv(out / "lolo.csv", index=False)
+    def minutes(v: float | None) -> str:
+        return "" if v is None or math.isnan(v) else f"{v:.1f}"
+
+    shown = [{**r, **{m: _with_ci(r, m) for m in LAB_METRICS}, "n_test": str(r["n_test"]),
+              "train_time_min": minutes(r["train_time_min"])} for r in rows]
+    shown += [{"lab": k, "n_test": "", **{m: f"{v[m]:.4f}" for m in LAB_METRICS}, "common_classes": "",
+               "train_time_min": minutes(v.get("train_time_min"))} for k, v in summary.items()]
+    cols = ["lab", "n_test", *LAB_METRICS, "common_classes", "train_time_min"]
+    title = f"Leave-one-lab-out: {config.name or config.model.name}"
+    notes = [
+        ("each row: trained and validated on the other labs (train/val split within each source), "
+         "tested on every cell of the lab left out"),
+        f"macro-F1 over the lab's classes with >= {SMALL_CLASS} cells; balanced accuracy: mean recall over the classes it has",
+        "95% CIs: percentile bootstrap over the test cells (1000 resamples); mean: unweighted over labs; worst: the lowest lab",
+    ]
+    text = f"# {title}\n\n" + markdown_table(pd.DataFrame(shown)[cols], headers=LAB_HEADERS) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    (out / "lolo.md").write_text(text)
+    (out / "lolo.json").write_text(json.dumps({"labs": rows, "summary": summary, "config": config.name}, indent=1))
+    plot_compare_bars(frame, LAB_METRICS, out / "lolo.png", label_column="lab", title="Left-out lab")
+    return {"labs": rows, "summary": summary, "out": str(out), "table": frame}
+
+
 # --------------------------------------------------------------------------- comparison grids
 
 
@@ -232,6 +381,7 @@ class GridFile(BaseModel):
     grid: Optional[dict[str, list[Any]]] = None
     folds: Optional[int] = Field(None, ge=2)
     grouped: bool = False
+    leave_one_lab_out: bool = Field(False, description="Judge every cell lab by lab (configs with data.sources): mean and worst lab.")
     eval_split: str = "test"
     notes: list[str] = Field(default_factory=list, description="Printed under the table (e.g. what a protocol cut).")
 
@@ -302,8 +452,15 @@ def compare(
             raise LeukoError(f"no cell named {', '.join(unknown)} in {grid}; cells: {', '.join(c.name for c in cells)}")
         cells = [c for c in cells if c.name in set(only)]
     out = Path(out) if out is not None else Path("runs") / (spec.name or Path(grid).stem)
-    kind = "compare-cv" if spec.folds else "compare"
-    planned = [fc for c in cells for fc in fold_cells(c.config, spec.folds, grouped=spec.grouped, prefix=f"{c.name}/")] if spec.folds else cells
+    if spec.folds and spec.leave_one_lab_out:
+        raise LeukoError(f"grid {grid}: choose folds or leave_one_lab_out, not both")
+    kind = "compare-cv" if spec.folds else "compare-lolo" if spec.leave_one_lab_out else "compare"
+    if spec.folds:
+        planned = [fc for c in cells for fc in fold_cells(c.config, spec.folds, grouped=spec.grouped, prefix=f"{c.name}/")]
+    elif spec.leave_one_lab_out:
+        planned = [lc for c in cells for lc in lab_cells(c.config, prefix=f"{c.name}/")]
+    else:
+        planned = cells
     check_plan(out, planned, kind)
     echo(f"{len(cells)} cell(s){f' x {spec.folds} folds' if spec.folds else ''} into {out}")
     rows = []
@@ -317,12 +474,24 @@ def compare(
                 row[k], row[f"{k}_std"] = v["mean"], v["std"]
             row["n_test"] = sum(r["n_test"] for r in fold_rows)
             rows.append(row)
+        elif spec.leave_one_lab_out:
+            lab_rows = run_lab_cells(lab_cells(c.config, prefix=f"{c.name}/"), out, echo=echo)
+            s = lab_summary(lab_rows)
+            row = {"cell": c.name, **c.changes, **s["mean"], **{f"worst_{m}": v for m, v in s["worst"].items()}}
+            row.update({f"accuracy_{r['lab']}": r["accuracy"] for r in lab_rows})
+            row["n_test"] = sum(r["n_test"] for r in lab_rows)
+            rows.append(row)
         else:
             rows.append(run_cell(c, out, data_path=data_path, eval_split=spec.eval_split, echo=echo))
     table = pd.DataFrame(rows)
     notes = list(spec.notes)
-    notes.append("precision, recall and F-measure are macro averages over classes; training time is wall-clock minutes"
-                 + (f"; values are {spec.folds}-fold means, *_std the sample std" if spec.folds else ""))
+    if spec.leave_one_lab_out:
+        notes.append("leave-one-lab-out: scores are unweighted means over the labs left out (worst_*: the lowest lab), "
+                     f"macro-F1 over each lab's classes with >= {SMALL_CLASS} cells; per-lab tables: OUT/<cell>/without-<lab>/eval/test")
+    else:
+        notes.append("precision, recall and F-measure are macro averages over classes; training time is wall-clock minutes"
+                     + (f"; values are {spec.folds}-fold means, *_std the sample std" if spec.folds else ""))
     csv_path, md_path = write_table(table, out / "compare", title=f"Comparison: {spec.name or Path(grid).stem}", headers=ROW_COLUMNS, notes=notes)
-    plot_compare_bars(table, CHART_METRICS, out / "compare.png", label_column="cell", title=spec.name or "Comparison")
+    chart = LAB_METRICS if spec.leave_one_lab_out else CHART_METRICS
+    plot_compare_bars(table, chart, out / "compare.png", label_column="cell", title=spec.name or "Comparison")
     return {"rows": rows, "table": table, "out": str(out), "csv": str(csv_path), "md": str(md_path)}

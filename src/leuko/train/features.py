@@ -28,7 +28,7 @@ from leuko.data.preprocess import step_versions
 from leuko.data.samples import Sample
 from leuko.paths import cache_dir
 from leuko.run.config import RunConfig
-from leuko.run.data import PreparedData, run_transform
+from leuko.run.data import PreparedData, run_transform, source_weights
 from leuko.run.folder import RunFolder
 from leuko.train.callbacks import append_metrics_row, improves
 from leuko.train.lightning_fit import class_weights_for
@@ -165,6 +165,9 @@ def train_head_on_features(model: nn.Module, cfg: RunConfig, data: PreparedData,
         head.train()
         if tc.sampler == "balanced":
             w = class_weights_for(y_tr.tolist(), len(data.classes))[y_tr]
+            order = torch.multinomial(w, n, replacement=True, generator=gen)
+        elif tc.sampler == "sources":  # classes and, within each class, labs equally often
+            w = torch.as_tensor(source_weights(data.train, tc.source_balance), dtype=torch.float32)
             order = torch.multinomial(w, n, replacement=True, generator=gen)
         else:
             order = torch.randperm(n, generator=gen)

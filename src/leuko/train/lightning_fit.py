@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 from leuko.data.pipeline import DecodedCache, SampleDataset, make_loader
 from leuko.errors import LeukoError
 from leuko.run.config import RunConfig
-from leuko.run.data import PreparedData, run_transform
+from leuko.run.data import PreparedData, run_transform, source_weights
 from leuko.run.folder import RunFolder
 from leuko.train.callbacks import (
     BestAndLastCheckpoint,
@@ -84,6 +84,11 @@ def build_loaders(
         w = class_weights_for(train_ds.targets, len(data.classes))[torch.tensor(train_ds.targets)]
         gen = torch.Generator().manual_seed(cfg.train.seed)
         sampler = torch.utils.data.WeightedRandomSampler(w.double(), num_samples=len(train_ds), replacement=True, generator=gen)
+        train_loader = make_loader(train_ds, cfg.train.batch_size, sampler=sampler, **loader_kw)
+    elif cfg.train.sampler == "sources":  # classes and, within each class, labs equally often
+        w = torch.as_tensor(source_weights(data.train, cfg.train.source_balance), dtype=torch.double)
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        sampler = torch.utils.data.WeightedRandomSampler(w, num_samples=len(train_ds), replacement=True, generator=gen)
         train_loader = make_loader(train_ds, cfg.train.batch_size, sampler=sampler, **loader_kw)
     else:
         train_loader = make_loader(

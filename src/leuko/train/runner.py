@@ -209,6 +209,8 @@ def train(
         resolved = cfg.model_copy(deep=True)
         if data_path is not None:
             resolved.data.path = str(Path(data_path).resolve())
+        elif resolved.data.sources:  # each source's own path, made absolute so the run evaluates from anywhere
+            resolved.data.sources = [s.model_copy(update={"path": str(Path(s.path).expanduser().resolve())}) for s in resolved.data.sources]
         elif resolved.data.path is None:
             resolved.data.path = str(data.index.root.resolve())
         run.config.write_text(resolved.to_yaml())
