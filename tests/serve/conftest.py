@@ -7,16 +7,14 @@ chosen on a validation split, a data.json and a held-out metrics.json.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from cells import make_cell
+from serving import live_server
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "neutrophil"]
 TINY = [
@@ -62,31 +60,47 @@ def cell_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
             for ci in range(len(CLASSES)) for i in range(3)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# --------------------------------------------------------------------------- smear fields
+def fieldgen() -> Any:
+    """tests/fields/fieldgen.py (synthetic smear fields with known boxes), loaded by path: both test folders have a conftest."""
+    import importlib.util
+    import sys
+
+    if "fieldgen" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fieldgen", Path(__file__).resolve().parents[1] / "fields" / "fieldgen.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fieldgen"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fieldgen"]
 
 
-@contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Run ``app`` on a real uvicorn server on 127.0.0.1 (free port) in a thread; yield its base URL."""
-    import uvicorn
+MISSED_AT = (230, 110)
+"""Where the small white cell of ``field_files["missed"]`` is: the finder leaves it out (its nucleus scores
+below the operating point), a click on it grows its box from the nucleus."""
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+
+@pytest.fixture(scope="session")
+def missed_at() -> tuple[int, int]:
+    """``MISSED_AT`` as a fixture: ``from conftest import`` reads whichever test folder's conftest came first."""
+    return MISSED_AT
+
+
+@pytest.fixture(scope="session")
+def field_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Generated smear fields as JPEGs: ``overlap/`` three overlapping 320 x 240 windows of one smear (five white
+    cells; the stage moved 160 px, then 160 px; the cell at the top is cut in every window) and one field
+    with no white cell; ``missed``: a field with a cell the finder finds and a small one it misses."""
+    gen = fieldgen()
+    root = tmp_path_factory.mktemp("fields")
+    smear = gen.make_field((640, 300), wbcs=[(120, 150, 34), (300, 90, 32), (330, 220, 30), (520, 150, 34), (450, 40, 30)],
+                           seed=7, n_rbc=60, n_platelets=10)
+    out = {}
+    for i, left in enumerate((0, 160, 320)):
+        out[f"overlap_{i}"] = gen.cut(smear, left, 30, (320, 240)).save(root / "overlap" / f"field_{i}.jpg")
+    out["empty"] = gen.make_field((320, 240), wbcs=[], seed=3).save(root / "overlap" / "field_3_empty.jpg")
+    out["missed"] = gen.make_field((320, 240), wbcs=[(90, 120, 32), (*MISSED_AT, 18)], seed=4).save(root / "missed.jpg")
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -307,7 +307,7 @@ def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: i
 
     here = Path(__file__).resolve().parent
     sys.path[:0] = [str(here), str(here.parent)]  # this folder's conftest, and tests/cells.py it imports
-    from conftest import live_server
+    from serving import live_server
 
     paths = collect_images([folder])
     images = paths[:: max(1, len(paths) // n)][:n]
@@ -363,3 +363,72 @@ if __name__ == "__main__":  # pragma: no cover
     ap.add_argument("--samples", action="store_true", help="the page on a (throwaway) store: a sample, saved reviews, a history")
     args = ap.parse_args()
     take_screenshot(args.model, args.images, args.out, args.n, args.review, args.samples)
+
+
+def test_fields_in_browser(serve_run: Path, field_files: dict[str, Path], missed_at: tuple[int, int], start_server: Any,
+                           tmp_path: Path) -> None:
+    """Smear fields on the samples page: boxes coloured by class, a box re-labelled by key, a false detection deleted,
+    a missed cell added by a click on it; the count follows each, and a reload shows the same boxes."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+    if chromium_path() is None:
+        pytest.skip("no Chromium found (/usr/bin/chromium); CI installs Debian's chromium")
+    from leuko.serve import create_app
+
+    app = create_app(serve_run, store=tmp_path / "lab.db")
+    classes: list[str] = app.state.service.classes
+    overlap = [field_files[k] for k in ("overlap_0", "overlap_1", "overlap_2", "empty")]
+    with sync_api.sync_playwright() as p, start_server(app) as url:
+        browser, page, foreign, errors = open_page(p, url)
+        try:
+            page.fill("#reviewer", "Ann Smith")
+            page.fill("#new-accession", "F24-000007")
+            page.click("#create-sample")
+            expect(page.locator("#sample-title")).to_have_text("F24-000007")
+            expect(page.locator("#pick-fields-label")).to_be_visible()
+            page.set_input_files("#pick-fields", [str(x) for x in overlap] + [str(field_files["missed"])])
+            expect(page.locator("#field-list figure.field")).to_have_count(5, timeout=60_000)
+            expect(page.locator("#message")).to_contain_text("field_3_empty.jpg holds no white cell")
+            boxes = page.locator("#field-list rect.box")
+            n_boxes = boxes.count()
+            assert n_boxes >= 8 and page.locator("#grid .tile").count() == n_boxes
+            assert page.locator("#field-list rect.box.repeat").count() >= 2  # the same cells seen in overlapping windows
+            assert "repeat(s) in overlapping fields merged" in page.locator("#count-fields").text_content()
+            total = int(page.locator("#count-total").text_content())
+            # every box is drawn in its class's colour, and the legend names the classes
+            assert page.locator("#field-legend .key").count() == len(classes) + 1
+            colours = page.eval_on_selector_all("#field-list rect.box", "rs => rs.map(r => [r.dataset.label, r.style.stroke])")
+            by_label: dict[str, set[str]] = {}
+            for label, colour in colours:
+                by_label.setdefault(label, set()).add(colour)
+            assert all(len(v) == 1 for v in by_label.values()) and len({next(iter(v)) for v in by_label.values()}) == len(by_label)
+
+            # click the first box of the last field (the cell the finder found there), re-label it with a key
+            missed_field = page.locator("#field-list figure.field").nth(4)
+            first = missed_field.locator("rect.box").first
+            first.click()
+            cell_id = first.get_attribute("data-id")
+            was = first.get_attribute("data-label")
+            new = next(c for c in classes if c != was)
+            page.keyboard.press(str(classes.index(new) + 1))
+            expect(page.locator("#save-status")).to_have_text("all changes saved")
+            expect(page.locator(f"#field-list rect.box[data-id='{cell_id}']")).to_have_attribute("data-label", new)
+
+            # delete it as a false detection: out of the count, drawn grey and dashed; then add the missed cell by a click
+            page.locator(f"#field-list rect.box[data-id='{cell_id}']").click()
+            page.keyboard.press("d")
+            expect(page.locator(f"#field-list rect.box.deleted[data-id='{cell_id}']")).to_have_count(1)
+            expect(page.locator("#count-total")).to_have_text(str(total - 1))
+            missed_field.locator("svg").click(position={"x": missed_at[0], "y": missed_at[1]})
+            expect(missed_field.locator("rect.box")).to_have_count(2)
+            expect(page.locator("#count-total")).to_have_text(str(total))
+            expect(page.locator("#message")).to_contain_text("cell added to missed.jpg")
+
+            page.reload()  # all of it came from the store
+            expect(page.locator("#field-list figure.field")).to_have_count(5)
+            expect(page.locator("#field-list rect.box")).to_have_count(n_boxes + 1)
+            expect(page.locator(f"#field-list rect.box.deleted[data-id='{cell_id}']")).to_have_attribute("data-label", new)
+            expect(page.locator("#count-total")).to_have_text(str(total))
+        finally:
+            browser.close()
+    assert not foreign, f"the page reached outside the service: {foreign}"
+    assert not errors, f"console errors: {errors}"

@@ -71,7 +71,7 @@ def test_help_lists_store_and_login_options(capsys: pytest.CaptureFixture[str]) 
 )
 def test_store_and_login_errors_one_line(args: list[str], message: str, serve_run: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import free_port
+    from serving import free_port
 
     monkeypatch.chdir(tmp_path)
     subs = {"{run}": str(serve_run), "{tmp}": str(tmp_path), "{port}": str(free_port())}

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from conftest import free_port
+from serving import free_port
 
 REVIEWERS = 8
 KILL_AFTER = 120

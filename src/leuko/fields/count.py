@@ -54,6 +54,14 @@ REVIEW_DETECTION_SCORE = 0.9
 platelets or a cell the finder cut wrongly), whatever the classifier says; most white cells
 score above 0.95 (a clearly stained nucleus of at least half a red cell's area)."""
 
+def detection_reasons(score: float | None) -> list[str]:
+    """Why a found cell is flagged for review whatever the classifier says: its detection score is
+    below :data:`REVIEW_DETECTION_SCORE` (``None``, a box a person drew, is never flagged for it)."""
+    if score is None or score >= REVIEW_DETECTION_SCORE:
+        return []
+    return [f"unsure it is a white cell (detection score {score:.2f})"]
+
+
 _FLUSH = 256
 """Crops classified per call (bounds the memory crops take)."""
 
@@ -337,9 +345,7 @@ def predict_fields(
                 raise LeukoError(f"cannot classify cell {i} of {fname}: {failed.get(key, 'unknown reason')}")
             j = by_key[key]
             p = pred.probs[j]
-            why = list(reasons[j])
-            if cell.score < REVIEW_DETECTION_SCORE:
-                why.append(f"unsure it is a white cell (detection score {cell.score:.2f})")
+            why = list(reasons[j]) + detection_reasons(cell.score)
             rows.append(FieldCell(
                 field=fname, index=i, box=tuple(float(v) for v in cell.box), score=float(cell.score), edge=bool(cell.edge),
                 label=pred.classes[int(np.argmax(p))], probs={c: float(v) for c, v in zip(pred.classes, p, strict=True)},
@@ -457,5 +463,6 @@ __all__ = [
     "FieldPredictions",
     "classifier_crop",
     "count_fields",
+    "detection_reasons",
     "predict_fields",
 ]

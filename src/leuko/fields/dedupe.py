@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Collection, Sequence
 
 import cv2
 import numpy as np
@@ -197,10 +197,17 @@ def find_repeats(
     fields: Sequence[str],
     *,
     min_correlation: float = MIN_CORRELATION,
+    pairs_with: Collection[int] | None = None,
 ) -> list[Repeat]:
-    """Pairs of cells, in different fields (``fields[i]`` names cell ``i``'s), that are one cell."""
+    """Pairs of cells, in different fields (``fields[i]`` names cell ``i``'s), that are one cell.
+
+    ``pairs_with``: only pairs with at least one of these cells are checked (the cells that just
+    arrived, against each other and everything before; the pairs among the rest are known)."""
     n = len(patches)
     if n < 2 or len(set(fields)) < 2:
+        return []
+    wanted = None if pairs_with is None else set(pairs_with)
+    if wanted is not None and not wanted:
         return []
     sig = _hash_signatures(patches)
     close = (sig @ sig.T) >= 1.0 - HASH_MAX_DISTANCE
@@ -209,6 +216,8 @@ def find_repeats(
     for i in range(n):
         for j in range(i + 1, n):
             if fields[i] == fields[j]:
+                continue
+            if wanted is not None and i not in wanted and j not in wanted:
                 continue
             if not (close[i, j] or patches[i].edge or patches[j].edge):
                 continue

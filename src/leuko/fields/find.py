@@ -250,6 +250,67 @@ def find_cells(field: np.ndarray, *, rbc_diameter: float | None = None, min_scor
     return out
 
 
+POINT_WINDOW = 5.0
+"""Side (red-cell diameters) of the window :func:`cell_at` searches around a point when the field's
+own search found no candidate there (a faint nucleus the field-wide threshold left out)."""
+
+
+def is_edge(box: Box, width: int, height: int, rbc_diameter: float) -> bool:
+    """Whether ``box`` comes within :data:`EDGE_MARGIN` red-cell diameters of a ``width`` x ``height`` frame
+    (the edge flag of :func:`find_cells`, for a box found some other way)."""
+    m = EDGE_MARGIN * float(rbc_diameter)
+    x0, y0, x1, y1 = box
+    return bool(x0 <= m or y0 <= m or x1 >= width - m or y1 >= height - m)
+
+
+def cell_at(field: np.ndarray, point: tuple[float, float], *, rbc_diameter: float | None = None) -> FoundCell | None:
+    """The white cell at ``point`` (field pixels) that a reviewer pointed at, or ``None`` when no nucleus is there.
+
+    :func:`find_cells` with no score threshold (a cell it missed usually scored below the
+    operating point: a small or faint nucleus), keeping the candidate whose box holds the point
+    (the nearest nucleus centre when several do); failing that the same search on a window of
+    :data:`POINT_WINDOW` red-cell diameters around the point, whose own threshold can pick up a
+    nucleus paler than the rest of the field's. The box, score and edge flag are in the whole
+    field's terms.
+
+    Raises:
+        LeukoError: the point is outside the field, or the field is not an RGB image (as for :func:`find_cells`).
+    """
+    image = _as_rgb(field)
+    h, w = image.shape[:2]
+    x, y = float(point[0]), float(point[1])
+    if not (0 <= x < w and 0 <= y < h):
+        raise LeukoError(f"the point ({x:g}, {y:g}) is outside the {w} x {h} field")
+    d = float(rbc_diameter) if rbc_diameter else (field_ruler(image) or max(h, w) / FALLBACK_FIELD_RBC)
+
+    def holding(cells: list[FoundCell]) -> FoundCell | None:
+        inside = [c for c in cells if c.box[0] <= x <= c.box[2] and c.box[1] <= y <= c.box[3]]
+        if not inside:
+            return None
+        return min(inside, key=lambda c: math.hypot((c.nucleus[0] + c.nucleus[2]) / 2 - x, (c.nucleus[1] + c.nucleus[3]) / 2 - y))
+
+    hit = holding(find_cells(image, rbc_diameter=d, min_score=0.0))
+    if hit is not None:
+        return hit
+    half = POINT_WINDOW * d / 2.0
+    x0, y0 = int(max(0, math.floor(x - half))), int(max(0, math.floor(y - half)))
+    x1, y1 = int(min(w, math.ceil(x + half))), int(min(h, math.ceil(y + half)))
+    if x1 - x0 < 16 or y1 - y0 < 16:
+        return None
+    local = find_cells(image[y0:y1, x0:x1], rbc_diameter=d, min_score=0.0)
+    shifted = [FoundCell(
+        box=(c.box[0] + x0, c.box[1] + y0, c.box[2] + x0, c.box[3] + y0),
+        nucleus=(c.nucleus[0] + x0, c.nucleus[1] + y0, c.nucleus[2] + x0, c.nucleus[3] + y0),
+        score=c.score, edge=False, stain=c.stain, area=c.area,
+    ) for c in local]
+    hit = holding(shifted)
+    if hit is None:
+        return None
+    from dataclasses import replace
+
+    return replace(hit, edge=is_edge(hit.box, w, h, d))
+
+
 def _group_lobes(mask: np.ndarray, D: float) -> tuple[np.ndarray, np.ndarray]:
     """Stained components grouped into nuclei: ``(labels, stats)`` as OpenCV's connected components
     (row 0 the background), where parts closer than :data:`LOBE_GAP` whose joint box stays within

@@ -18,7 +18,9 @@ and answers; there is no ``/docs``, whose viewer would come from a CDN):
 
 With a store (``create_app(model, store="lab.db")``, ``leuko serve --db``)
 the service also keeps samples, cells, predictions and every review
-(:mod:`leuko.serve.routers.samples`, :mod:`leuko.serve.store`), and with
+(:mod:`leuko.serve.routers.samples`, :mod:`leuko.serve.store`), takes whole
+smear fields whose cells it finds, classifies and counts as ``leuko count``
+does (:mod:`leuko.serve.routers.fields`, :mod:`leuko.serve.fields`), and with
 ``auth`` every call but the page's files needs a reviewer's bearer token
 (:mod:`leuko.serve.auth`).
 
@@ -486,6 +488,10 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
 
     app.include_router(build_router(with_samples=kept is not None))
+    if kept is not None:
+        from leuko.serve.routers.fields import build_router as build_fields_router
+
+        app.include_router(build_fields_router())
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if tokens is not None:
         _document_bearer(app)

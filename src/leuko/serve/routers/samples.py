@@ -2,11 +2,13 @@
 
 * ``POST /samples``, ``GET /samples``, ``GET /samples/{id}``: create, list (newest first, with counts), open;
 * ``POST /samples/{id}/cells``: images → cells, each predicted by the loaded model at once;
-* ``POST /cells/{id}/review``: accept or relabel one cell (an append-only event);
+* ``POST /cells/{id}/review``: accept or relabel one cell, or delete a false detection / restore it (an append-only event);
 * ``GET /cells/{id}/history``, ``GET /cells/{id}/image``: who changed what, the stored image;
 * ``POST /samples/{id}/sign-off``, ``POST /samples/{id}/reopen``: freeze the count, or open again (an event);
 * ``GET /samples/{id}/export``, ``GET /export``: one sample or the whole store, CSV or JSON;
-* ``GET /whoami``: whether a login is needed and whom the token names.
+* ``GET /whoami``: whether a login is needed and whom the token names;
+* smear fields (``POST /samples/{id}/fields``, ``GET /fields/{id}``, ``POST /fields/{id}/cells``):
+  :mod:`leuko.serve.routers.fields`.
 
 Who did it is the token's reviewer when the service runs with ``--auth``
 (a body naming someone else is refused 403); without it, the ``reviewer``
@@ -48,10 +50,14 @@ class CreateSampleRequest(BaseModel):
     accession: str = Field(..., max_length=200, description="The lab's accession id (unique): letters, digits, '.', '_', '-'.",
                            examples=["S24-001234"])
     reviewer: Optional[str] = Field(None, max_length=200, description="Who creates it (ignored with --auth: the token names them).")
+    edge: Literal["count", "drop"] = Field("count", description="Cells of its fields cut by the frame's edge: count them (once), "
+                                                               "or leave them out (as `leuko count --edge`).")
 
 
 class ReviewRequest(BaseModel):
-    action: Literal["accept", "relabel"] = Field(..., description="accept: the current label is right; relabel: set `label`.")
+    action: Literal["accept", "relabel", "delete", "restore"] = Field(
+        ..., description="accept: the current label is right; relabel: set `label`; delete: not a white cell (it leaves the "
+                         "count); restore: undo a delete.")
     label: Optional[str] = Field(None, max_length=200, description="relabel: the new class; accept: the label the reviewer saw "
                                                                     "(refused 409 if another review changed it since).")
     reviewer: Optional[str] = Field(None, max_length=200, description="Who reviews (with --auth: must be the token's reviewer, or absent).")
@@ -169,7 +175,8 @@ def build_router(*, with_samples: bool = True) -> APIRouter:
     @router.post("/samples", response_model=SampleDetail, status_code=201, tags=["samples"], responses=_errors(401, 403, 409, 422))
     def create_sample(body: CreateSampleRequest, request: Request) -> SampleDetail:
         """A new open sample with the lab's accession id, to be pre-classified by the loaded model."""
-        return store_of(request).create_sample(body.accession, who(request, body.reviewer), request.app.state.model_ref)
+        return store_of(request).create_sample(body.accession, who(request, body.reviewer), request.app.state.model_ref,
+                                               edge=body.edge)
 
     @router.get("/samples", response_model=SampleList, tags=["samples"], responses=_errors(401, 422))
     def list_samples(
@@ -226,7 +233,8 @@ def build_router(*, with_samples: bool = True) -> APIRouter:
     @router.post("/cells/{cell_id}/review", response_model=ReviewResponse, tags=["samples"],
                  responses=_errors(401, 403, 404, 409, 422))
     def review_cell(cell_id: int, body: ReviewRequest, request: Request) -> ReviewResponse:
-        """Accept a cell's label or relabel it: one append-only event with who and when; answers with the new count."""
+        """Accept a cell's label or relabel it, or delete a false detection (restore undoes it): one append-only event
+        with who and when; answers with the new count."""
         cell, ev, count = store_of(request).review(cell_id, body.action, who(request, body.reviewer), label=body.label,
                                                    request_id=body.request_id)
         return ReviewResponse(cell=cell, event=ev, count=count)

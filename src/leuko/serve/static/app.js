@@ -345,6 +345,7 @@ function applySample(detail, keep) {
   renderGrid();
   renderCount();
   renderDetail();
+  renderFields();
 }
 
 function renderSampleBar() {
@@ -357,6 +358,7 @@ function renderSampleBar() {
   $("sign-off").hidden = s.status === "signed-off";
   $("reopen-box").hidden = s.status !== "signed-off";
   $("drop").hidden = s.status === "signed-off";
+  $("pick-fields-label").hidden = s.status === "signed-off";
   document.body.classList.toggle("frozen", s.status === "signed-off");
 }
 
@@ -523,6 +525,8 @@ function setupInputs() {
   });
   // buttons give focus back, so Enter/keys after a click act on the page, not on the button again
   $("accept").addEventListener("click", (ev) => { ev.currentTarget.blur(); acceptSelected(); });
+  $("delete-cell").addEventListener("click", (ev) => { ev.currentTarget.blur(); toggleDeleteSelected(); });
+  $("pick-fields").addEventListener("change", (ev) => { addFieldsToSample(Array.from(ev.target.files)); ev.target.value = ""; });
   $("explain").addEventListener("click", (ev) => { ev.currentTarget.blur(); explainSelected(); });
   for (const [id, fn] of [["export-labels-csv", exportLabelsCsv], ["export-labels-json", exportLabelsJson],
                           ["export-count-csv", exportCountCsv], ["export-count-json", exportCountJson]]) {
@@ -553,6 +557,171 @@ function setupInputs() {
   window.addEventListener("beforeunload", (ev) => { if (state.saving) { ev.preventDefault(); ev.returnValue = ""; } });
 }
 
+// ------------------------------------------------------------------ smear fields (a sample's whole field images)
+const SVG_NS = "http://www.w3.org/2000/svg";
+const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#469990"];
+const classColour = (label) => PALETTE[Math.max(0, state.classes.indexOf(label)) % PALETTE.length];
+const fieldCells = (fieldId) => state.cells.filter((c) => c.server && c.server.field_id === fieldId);
+
+async function addFieldsToSample(files) {
+  // one field per request: each is found, cut out and classified on the service, and one bad file refuses only itself
+  if (!state.sample || signedOff()) return;
+  const images = files.filter((f) => IMAGE_RE.test(f.name));
+  if (!images.length) { showMessage("No field images among the chosen files (JPEG, PNG, BMP, TIFF or WebP)."); return; }
+  let actor;
+  try { actor = reviewerName(); } catch (_) { return; }
+  const id = state.sample.id;
+  const q = actor ? `?reviewer=${encodeURIComponent(actor)}` : "";
+  const failed = [], notes = [];
+  let dupes = 0, cells = 0;
+  for (const [i, f] of images.entries()) {
+    $("progress").textContent = `finding cells… field ${i + 1}/${images.length}`;
+    const body = new FormData();
+    body.append("files", f, f.name);
+    try {
+      const res = await apiJson(`/samples/${id}/fields${q}`, { method: "POST", body });
+      dupes += res.duplicates.length;
+      notes.push(...res.notes);
+      for (const fd of res.added) cells += fd.cells.length;
+    } catch (e) {
+      failed.push(`${f.name}: ${e.message}`);
+    }
+  }
+  await reloadSample();
+  $("progress").textContent = `${cells} cell(s) found in ${images.length - failed.length - dupes} new field(s)` +
+    (dupes ? `, ${dupes} field(s) already in this sample` : "");
+  if (failed.length) showMessage(`${failed.length} field(s) not added: ${failed.join("; ")}`);
+  else if (notes.length) showMessage(notes.join(" "), "info");
+  if (state.selected === null) select(visibleCells()[0]?.id ?? null);
+}
+
+function fieldImageInto(img, field) {
+  if (!state.who?.auth) { img.src = `/fields/${field.id}/image`; return; }
+  api(`/fields/${field.id}/image`).then((r) => (r.ok ? r.blob() : null)).then((b) => { if (b) img.src = URL.createObjectURL(b); });
+}
+
+function renderLegend() {
+  const legend = $("field-legend");
+  const key = (colour, text, dashed) => {
+    const k = document.createElement("span"); k.className = "key";
+    const sw = document.createElement("span"); sw.className = "swatch" + (dashed ? " dashed" : ""); sw.style.color = colour;
+    k.append(sw, text);
+    return k;
+  };
+  legend.replaceChildren(...state.classes.map((c) => key(classColour(c), c)),
+                         key("#888", "repeat / deleted", true));
+}
+
+function renderFields() {
+  const fields = (state.sample && state.sample.fields) || [];
+  $("fields").hidden = !fields.length;
+  if (!fields.length) { $("field-list").replaceChildren(); return; }
+  renderLegend();
+  const list = $("field-list");
+  const kept = new Map(Array.from(list.children, (fig) => [Number(fig.dataset.id), fig]));
+  list.replaceChildren(...fields.map((f) => {
+    const fig = kept.get(f.id) || makeField(f);
+    drawBoxes(fig, f);
+    return fig;
+  }));
+}
+
+function makeField(field) {
+  const fig = document.createElement("figure");
+  fig.className = "field"; fig.dataset.id = field.id;
+  const cap = document.createElement("figcaption");
+  const wrap = document.createElement("div"); wrap.className = "field-canvas";
+  const img = document.createElement("img");
+  img.alt = field.name; img.width = field.width; img.height = field.height;
+  img.style.width = `${Math.min(field.width, 420)}px`;
+  fieldImageInto(img, field);
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${field.width} ${field.height}`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.addEventListener("click", (ev) => {
+    if (ev.target.classList.contains("box")) return;  // a box's own handler selects it
+    const pt = svg.createSVGPoint(); pt.x = ev.clientX; pt.y = ev.clientY;
+    const at = pt.matrixTransform(svg.getScreenCTM().inverse());
+    addMissedCell(field, Math.round(at.x), Math.round(at.y), svg);
+  });
+  wrap.append(img, svg);
+  fig.append(cap, wrap);
+  return fig;
+}
+
+function drawBoxes(fig, field) {
+  const cells = fieldCells(field.id);
+  const counted = cells.filter((c) => c.server.counted).length;
+  fig.querySelector("figcaption").textContent =
+    `${field.name}: ${cells.filter((c) => !c.server.deleted).length} cell(s), ${counted} counted`;
+  const svg = fig.querySelector("svg");
+  svg.replaceChildren(...cells.map((c) => {
+    const [x0, y0, x1, y1] = c.server.box;
+    const r = document.createElementNS(SVG_NS, "rect");
+    r.setAttribute("x", x0); r.setAttribute("y", y0);
+    r.setAttribute("width", x1 - x0); r.setAttribute("height", y1 - y0);
+    r.setAttribute("class", "box" + (c.server.deleted ? " deleted" : "") + (c.server.repeat_of != null ? " repeat" : "") +
+                            (c.id === state.selected ? " selected" : ""));
+    r.style.stroke = classColour(c.label);
+    r.dataset.id = c.id; r.dataset.label = c.label;
+    const title = document.createElementNS(SVG_NS, "title");
+    title.textContent = `${c.label}` + (c.server.deleted ? " (deleted)" : "") +
+      (c.server.repeat_of != null ? ` (repeat of cell ${c.server.repeat_of})` : "") + (c.server.edge ? " (cut by the edge)" : "");
+    r.append(title);
+    r.addEventListener("click", (ev) => { ev.stopPropagation(); select(c.id); });
+    return r;
+  }));
+}
+
+async function addMissedCell(field, x, y, svg) {
+  if (signedOff()) { showMessage(`${state.sample.accession} is signed off: re-open it to add a cell.`); return; }
+  let reviewer;
+  try { reviewer = reviewerName(); } catch (_) { return; }
+  const mark = document.createElementNS(SVG_NS, "circle");
+  mark.setAttribute("cx", x); mark.setAttribute("cy", y); mark.setAttribute("r", 8); mark.setAttribute("class", "pending");
+  svg.append(mark);
+  await state.saveChain;
+  try {
+    const res = await postJson(`/fields/${field.id}/cells`, { point: [x, y], reviewer, request_id: newId() });
+    await reloadSample();
+    select(res.cell.id);
+    showMessage(`cell added to ${field.name} (box from the ${res.box_from === "nucleus" ? "nucleus found there" : "click"}): ` +
+                `${res.cell.label}`, "info");
+  } catch (e) {
+    mark.remove();
+    showMessage(`not added: ${e.message}`);
+  }
+}
+
+async function toggleDeleteSelected() {
+  const cell = cellById(state.selected);
+  if (!cell || !cell.server || cell.server.field_id == null) return;
+  if (signedOff()) { showMessage(`${state.sample.accession} is signed off: re-open it to change it.`); return; }
+  let reviewer;
+  try { reviewer = reviewerName(); } catch (_) { return; }
+  const action = cell.server.deleted ? "restore" : "delete";
+  await state.saveChain;
+  try {
+    await postJson(`/cells/${cell.id}/review`, { action, reviewer, request_id: newId() });
+    const id = cell.id;
+    await reloadSample();
+    select(id);
+  } catch (e) {
+    showMessage(`not ${action}d (${cell.name}): ${e.message}`);
+  }
+}
+
+function renderFieldCount(c) {
+  const el = $("count-fields");
+  const parts = [];
+  if (c.repeats_merged) parts.push(`${c.repeats_merged} repeat(s) in overlapping fields merged`);
+  if (c.deleted) parts.push(`${c.deleted} deleted as not white cells`);
+  if (c.edge_cells_counted) parts.push(`${c.edge_cells_counted} cut by the edge counted once`);
+  if (c.edge_cells_dropped) parts.push(`${c.edge_cells_dropped} cut by the edge left out`);
+  el.hidden = !parts.length;
+  el.textContent = parts.join(" · ");
+}
+
 // ------------------------------------------------------------------ cell state
 const done = (c) => c.result !== null;
 const needsReview = (c) => done(c) && c.result.review && !c.reviewed;
@@ -579,6 +748,7 @@ function setLabel(cell, label) {
   cell.reviewed = true;
   updateTile(cell);
   renderDetail();
+  if (state.sample?.fields?.length) renderFields();
   renderSummary();
   refreshCount();
 }
@@ -630,6 +800,7 @@ function fillTile(tile, cell) {
   tile.classList.toggle("review", needsReview(cell));
   tile.classList.toggle("reviewed", cell.reviewed);
   tile.classList.toggle("failed", !!cell.error);
+  tile.classList.toggle("deleted", !!cell.server?.deleted);
   tile.replaceChildren();
   const img = document.createElement("img");
   imageInto(img, cell); img.alt = cell.name; img.loading = "lazy";
@@ -656,7 +827,8 @@ function fillTile(tile, cell) {
     tile.append(was);
   }
   const badge = document.createElement("span");
-  if (needsReview(cell)) { badge.className = "badge review"; badge.textContent = "review"; }
+  if (cell.server?.deleted) { badge.className = "badge deleted"; badge.textContent = "deleted"; }
+  else if (needsReview(cell)) { badge.className = "badge review"; badge.textContent = "review"; }
   else if (corrected(cell)) { badge.className = "badge fixed"; badge.textContent = "fixed"; }
   else if (cell.reviewed) { badge.className = "badge done"; badge.textContent = "✓"; }
   if (badge.textContent) tile.append(badge);
@@ -683,6 +855,7 @@ function select(id) {
   $("history").hidden = true;
   state.historyFor = null;
   renderDetail();
+  if (state.sample?.fields?.length) renderFields();
   if (sampleMode() && id !== null && cellById(id)) loadHistory(cellById(id));
 }
 
@@ -735,6 +908,10 @@ function renderDetail() {
     b.querySelector(".p").textContent = done(cell) ? `${(100 * cell.result.probs[c]).toFixed(0)}%` : "";
   }
   $("accept").disabled = !done(cell) || signedOff();
+  const inField = !!(cell.server && cell.server.field_id != null);
+  $("delete-cell").hidden = !inField;
+  $("delete-cell").disabled = signedOff();
+  $("delete-cell").textContent = cell.server?.deleted ? "↺ restore (a white cell after all) D" : "✗ not a white cell D";
 }
 
 function renderProgress() {
@@ -795,6 +972,7 @@ function renderCount() {
   $("count-review").textContent = c.n_review ? `${c.n_review} still flagged for review` : "";
   $("count-note").hidden = !c.note;
   $("count-note").textContent = c.note || "";
+  renderFieldCount(c);
   drawChart(c);
 }
 
@@ -926,6 +1104,7 @@ function onKey(ev) {
   else if (k === "ArrowLeft" || k === "k" || k === "K" || k === "ArrowUp") step(-1);
   else if (k === "a" || k === "A" || k === "Enter") acceptSelected();
   else if (k === "e" || k === "E") explainSelected();
+  else if ((k === "d" || k === "D") && sampleMode()) toggleDeleteSelected();
   else if (k === "r" || k === "R") {
     state.filter = state.filter === "review" ? "all" : "review";
     $("filter").value = state.filter;

@@ -8,6 +8,15 @@ sample's *status* (open / signed-off), and every change of status is itself
 an event with who and when. The current label of a cell is the
 ``label_after`` of its latest review event, or the prediction when it has none.
 
+A sample may also hold whole smear *fields* (revision 0002): each field is an
+image kept by content like a cell's, its white cells found by
+:func:`leuko.fields.find_cells` and stored as cells of the sample that point
+at their field and carry their box, detection score and edge flag (the cell's
+image is the crop the classifier saw). A reviewer deletes a false detection or
+restores it (events ``deleted`` / ``restored``), and adds a missed cell (event
+``added``); the repeats of one cell in overlapping fields are kept as pairs
+(:class:`CellRepeat`), found once when a cell arrives.
+
 Changing this file needs a migration (``alembic revision --autogenerate``
 against a database at head, see :mod:`leuko.serve.store.migrate`); a test
 fails while the models and the migrations disagree.
@@ -50,6 +59,15 @@ RELABEL = "relabel"
 CREATE = "create"
 SIGN_OFF = "sign-off"
 REOPEN = "reopen"
+ADDED = "added"
+DELETED = "deleted"
+RESTORED = "restored"
+CELL_ACTIONS: tuple[str, ...] = (ACCEPT, RELABEL, ADDED, DELETED, RESTORED)
+"""Review event kinds: a look at the label (accept, relabel), and, for cells of fields, a cell a reviewer added,
+a detection deleted as not a white cell, and a deletion undone (0002)."""
+EDGE_POLICIES: tuple[str, ...] = ("count", "drop")
+"""What a sample's count does with a cell cut by its field's edge: count it (once), or leave it out
+(``leuko count --edge``)."""
 
 
 def utcnow() -> dt.datetime:
@@ -111,6 +129,8 @@ class Sample(Base):
     signed_off_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime())
     signed_off_count: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     """The differential count frozen at sign-off (``None`` while open)."""
+    edge_policy: Mapped[str] = mapped_column(String(8), default="count", server_default="count")
+    """Cells of its fields cut by the frame's edge: ``count`` (once) or ``drop`` (:data:`EDGE_POLICIES`), set at creation."""
 
     cells: Mapped[list["Cell"]] = relationship(back_populates="sample", order_by="Cell.id", lazy="raise")
 
@@ -127,10 +147,57 @@ class Cell(Base):
     name: Mapped[str] = mapped_column(String(200))
     added_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     added_by: Mapped[str] = mapped_column(String(100))
+    field_id: Mapped[Optional[int]] = mapped_column(ForeignKey("fields.id"), index=True)
+    """The field the cell was found in or added to (``None``: an uploaded cell image)."""
+    box_x0: Mapped[Optional[float]] = mapped_column(Float)
+    box_y0: Mapped[Optional[float]] = mapped_column(Float)
+    box_x1: Mapped[Optional[float]] = mapped_column(Float)
+    box_y1: Mapped[Optional[float]] = mapped_column(Float)
+    score: Mapped[Optional[float]] = mapped_column(Float)
+    """Detection score of :func:`leuko.fields.find_cells` (``None``: a box a reviewer drew)."""
+    edge: Mapped[Optional[bool]] = mapped_column(Boolean)
+    """The frame's edge cuts the cell."""
 
     sample: Mapped[Sample] = relationship(back_populates="cells", lazy="raise")
     image: Mapped[Image] = relationship(lazy="raise")
     prediction: Mapped["Prediction"] = relationship(back_populates="cell", uselist=False, lazy="raise")
+
+    @property
+    def box(self) -> Optional[tuple[float, float, float, float]]:
+        if self.box_x0 is None or self.box_y0 is None or self.box_x1 is None or self.box_y1 is None:
+            return None
+        return (self.box_x0, self.box_y0, self.box_x1, self.box_y1)
+
+
+class Field(Base):
+    """One smear field of a sample: an image (by content) whose white cells are cells of the sample."""
+
+    __tablename__ = "fields"
+    __table_args__ = (UniqueConstraint("sample_id", "image_sha256", name="uq_fields_sample_image"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), index=True)
+    image_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    rbc_measured: Mapped[Optional[float]] = mapped_column(Float)
+    """Red-cell diameter measured on this field (pixels; ``None``: too few red cells showed)."""
+    rbc_diameter: Mapped[float] = mapped_column(Float)
+    """The ruler its cells were found, cut and compared with: the median of the sample's fields so far."""
+    added_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    added_by: Mapped[str] = mapped_column(String(100))
+
+
+class CellRepeat(Base):
+    """Two cells of different fields of one sample that are one cell (overlapping fields), found when the later arrived."""
+
+    __tablename__ = "cell_repeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), index=True)
+    cell_id: Mapped[int] = mapped_column(ForeignKey("cells.id"), index=True)
+    """The cell that arrived later."""
+    other_id: Mapped[int] = mapped_column(ForeignKey("cells.id"))
+    correlation: Mapped[float] = mapped_column(Float)
 
 
 class Prediction(Base):
@@ -153,10 +220,11 @@ class Prediction(Base):
 
 
 class ReviewEvent(Base):
-    """One person's look at one cell: accepted, or relabelled from ``label_before`` to ``label_after``. Append-only."""
+    """One person's look at one cell: accepted, or relabelled from ``label_before`` to ``label_after``; for a cell
+    of a field also added (a missed cell), deleted (not a white cell) or restored (label unchanged). Append-only."""
 
     __tablename__ = "review_events"
-    __table_args__ = (CheckConstraint(f"action IN ('{ACCEPT}', '{RELABEL}')", name="action"),)
+    __table_args__ = (CheckConstraint("action IN (" + ", ".join(f"'{a}'" for a in CELL_ACTIONS) + ")", name="action"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), index=True)
