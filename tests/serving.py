@@ -39,3 +39,11 @@ def live_server(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def one_line(r: Any, status: int, text: str) -> None:
+    """``r`` (an HTTP answer) is a refusal with ``status`` whose detail is one line containing ``text``."""
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, detail
+    assert text in detail, detail

@@ -300,6 +300,7 @@ def take_screenshot(model: Path, folder: Path, out: Path, n: int = 40, review: i
     and the first corrected cell's history is shown.
     """
     import tempfile
+
     from playwright.sync_api import sync_playwright
 
     from leuko.infer.predict import collect_images

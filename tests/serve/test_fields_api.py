@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from serving import one_line
 
 from leuko.serve import UploadLimits, create_app
 
@@ -38,13 +39,6 @@ def upload(c: TestClient, sid: int, paths: list[Path], status: int = 201, who: s
     r = c.post(f"/samples/{sid}/fields", params={"reviewer": who}, files=files)
     assert r.status_code == status, r.text
     return r.json()
-
-
-def one_line(r: Any, status: int, text: str) -> None:
-    assert r.status_code == status, r.text
-    detail = r.json()["detail"]
-    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, detail
-    assert text in detail, detail
 
 
 def overlap(field_files: dict[str, Path]) -> list[Path]:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from serving import one_line
 
 from leuko.errors import LeukoError
 from leuko.serve import UploadLimits, create_app
@@ -33,13 +34,6 @@ def new_sample(c: TestClient, who: str = "ann", **headers: str) -> dict[str, Any
     r = c.post("/samples", json={"accession": f"S-{uuid.uuid4().hex[:8]}", "reviewer": who}, headers=headers)
     assert r.status_code == 201, r.text
     return r.json()
-
-
-def one_line(r: Any, status: int, text: str) -> None:
-    assert r.status_code == status, r.text
-    detail = r.json()["detail"]
-    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, detail
-    assert text in detail, detail
 
 
 def test_openapi_describes_samples(lab: TestClient) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
-
 from serving import free_port
 
 REVIEWERS = 8

@@ -38,7 +38,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -55,7 +55,13 @@ from leuko.infer.review import ReviewPolicy
 from leuko.run.folder import RunFolder
 from leuko.serve.batching import MicroBatcher
 from leuko.serve.count import differential_count
-from leuko.serve.uploads import Upload, UploadError, UploadLimits, decode_upload, read_uploads
+from leuko.serve.uploads import (
+    Upload,
+    UploadError,
+    UploadLimits,
+    decode_upload,
+    read_uploads,
+)
 
 log = logging.getLogger("leuko.serve")
 
@@ -154,14 +160,21 @@ class ModelInfo(BaseModel):
     limits: dict[str, int]
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    why = {
-        400: "Malformed upload, or Grad-CAM asked of an ONNX model",
-        413: "Too many files, a file or request too large, or an image with too many pixels (the limit is in the message)",
-        415: "Not multipart, or a file that is not an image (the file is named)",
-        422: "A corrupt or truncated image (the file is named), or an invalid body",
-    }
+_WHY = {
+    400: "Malformed upload, or Grad-CAM asked of an ONNX model",
+    413: "Too many files, a file or request too large, or an image with too many pixels (the limit is in the message)",
+    415: "Not multipart, or a file that is not an image (the file is named)",
+    422: "A corrupt or truncated image (the file is named), or an invalid body",
+}
+
+
+def error_responses(why: Mapping[int, str], *codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for ``codes``: each an :class:`ErrorMessage` with the router's own reason."""
     return {c: {"model": ErrorMessage, "description": why[c]} for c in codes}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return error_responses(_WHY, *codes)
 
 
 def _multipart_body(field: str, many: bool) -> dict[str, Any]:

@@ -18,7 +18,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from leuko.errors import LeukoError
-from leuko.fields.differential import MIN_CELLS, Z95, wilson_interval  # one home: leuko.fields.differential
+from leuko.fields.differential import (  # one home: leuko.fields.differential
+    MIN_CELLS,
+    Z95,
+    wilson_interval,
+)
 
 __all__ = ["MIN_CELLS", "Z95", "differential_count", "wilson_interval"]
 

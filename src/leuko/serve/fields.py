@@ -39,12 +39,30 @@ from starlette.concurrency import run_in_threadpool
 from leuko.errors import LeukoError
 from leuko.fields.count import classifier_crop, detection_reasons
 from leuko.fields.dedupe import cell_patch, find_repeats
-from leuko.fields.find import DEFAULT_MIN_SCORE, FALLBACK_FIELD_RBC, cell_at, field_ruler, find_cells, is_edge
+from leuko.fields.find import (
+    DEFAULT_MIN_SCORE,
+    FALLBACK_FIELD_RBC,
+    cell_at,
+    field_ruler,
+    find_cells,
+    is_edge,
+)
 from leuko.fields.read import read_field
 from leuko.serve.store import StoreError
-from leuko.serve.store.db import FieldContext, KnownField, NewField, NewFieldCell, NewRepeat
+from leuko.serve.store.db import (
+    FieldContext,
+    KnownField,
+    NewField,
+    NewFieldCell,
+    NewRepeat,
+)
 from leuko.serve.store.images import MEDIA_TYPES
-from leuko.serve.store.views import AddedFieldCell, AddedFields, ModelRef, PredictionView
+from leuko.serve.store.views import (
+    AddedFieldCell,
+    AddedFields,
+    ModelRef,
+    PredictionView,
+)
 from leuko.serve.uploads import Upload, UploadError, decode_upload
 
 if TYPE_CHECKING:

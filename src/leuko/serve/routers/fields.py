@@ -40,7 +40,7 @@ class AddCellRequest(BaseModel):
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    from leuko.serve.app import ErrorMessage
+    from leuko.serve.app import error_responses
 
     why = {
         400: "Malformed upload",
@@ -52,7 +52,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         415: "Not multipart, or a file that is not an image",
         422: "A corrupt or truncated image, a box or point outside the field, an unknown label, an invalid body",
     }
-    return {c: {"model": ErrorMessage, "description": why[c]} for c in codes}
+    return error_responses(why, *codes)
 
 
 def build_router() -> APIRouter:

@@ -88,7 +88,7 @@ class WhoAmI(BaseModel):
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    from leuko.serve.app import ErrorMessage
+    from leuko.serve.app import error_responses
 
     why = {
         401: "No token, or a token of nobody (with --auth)",
@@ -99,7 +99,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         415: "Not multipart, or a file that is not an image",
         422: "An invalid body, a label the model does not have, a malformed accession id or reviewer name",
     }
-    return {c: {"model": ErrorMessage, "description": why[c]} for c in codes}
+    return error_responses(why, *codes)
 
 
 # --------------------------------------------------------------------------- helpers
