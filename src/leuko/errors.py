@@ -20,4 +20,17 @@ class LeukoError(Exception):
             self.exit_code = exit_code
 
 
-__all__ = ["LeukoError"]
+class Refusal(LeukoError):
+    """A request the lab service refuses, nothing changed: the HTTP status it answers with and one line.
+
+    The store's and the upload checks' refusals are both this shape, so the service answers every one
+    of them with one exception handler.
+    """
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+__all__ = ["LeukoError", "Refusal"]

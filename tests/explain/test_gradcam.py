@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cells import call, make_cell
 from PIL import Image
 
-from cells import make_cell
-from leuko.run.card import ModelCard
-from leuko.cli import main
 from leuko.errors import LeukoError
 from leuko.explain import GradCAM, explanation_png, find_target_layer, overlay
 from leuko.infer import Predictor
 from leuko.models import IMAGENET_MEAN, IMAGENET_STD, build_model, registered_names
+from leuko.run.card import ModelCard
 from leuko.run.folder import save_model
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
@@ -101,14 +100,6 @@ def red_image(h: int, w: int, x0: int, x1: int, y0: int = 0, y1: int | None = No
     img = np.zeros((h, w, 3), dtype=np.uint8)
     img[y0 : (h if y1 is None else y1), x0:x1, 0] = 255
     return img
-
-
-def call(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 # --------------------------------------------------------------------------- a trained run

@@ -13,23 +13,14 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+from cells import call, model_payload
 from PIL import Image
 
-from cells import model_payload
-from leuko.run.card import ModelCard
-from leuko.cli import main
 from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 from leuko.infer import OnnxPredictor, Predictor, export_onnx, read_onnx_card
 from leuko.infer.onnx import META_KEY, READABLE_KEYS
-
-def call(argv: list[str]) -> int:
-    """Run the CLI in-process; return its exit code (Typer exits even on success)."""
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+from leuko.run.card import ModelCard
 
 
 def _images(folder: Path) -> list[Path]:

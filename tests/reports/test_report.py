@@ -11,23 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cells import call, make_cell, model_payload
 from PIL import Image
 
-from cells import make_cell, model_payload
-from leuko.cli import main
 from leuko.run.folder import RunFolder, load_model, save_model
 
 CLASSES = ["eosinophil", "lymphocyte", "neutrophil"]
 ADAPTED = {"data": "/labs/other-hospital/cells", "method": "batch-norm statistics", "images": 57}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def call(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

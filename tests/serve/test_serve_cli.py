@@ -6,17 +6,9 @@ import socket
 from pathlib import Path
 
 import pytest
+from cells import call
 
-from leuko.cli import main
 from leuko.serve.server import is_loopback
-
-
-def call(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_help_lists_options(capsys: pytest.CaptureFixture[str]) -> None:

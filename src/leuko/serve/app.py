@@ -49,7 +49,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from leuko.data.preprocess import Preprocess
-from leuko.errors import LeukoError
+from leuko.errors import LeukoError, Refusal
 from leuko.infer.backends import Prediction
 from leuko.infer.review import ReviewPolicy
 from leuko.run.folder import RunFolder
@@ -353,7 +353,7 @@ def create_app(
     """
     from leuko.serve.auth import BearerAuth, TokenAuth
     from leuko.serve.routers.samples import build_router, model_ref
-    from leuko.serve.store import Store, StoreError
+    from leuko.serve.store import Store
 
     tokens = auth if isinstance(auth, TokenAuth) or auth is None else TokenAuth.load(auth)
     # the model first: a wrong model path must not leave a new, empty database behind
@@ -387,17 +387,13 @@ def create_app(
     if tokens is not None:
         app.add_middleware(BearerAuth, auth=tokens)
 
-    @app.exception_handler(StoreError)
-    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+    @app.exception_handler(Refusal)  # the store's and the upload checks' refusals
+    async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _one_line_validation(exc)}, status_code=422)
-
-    @app.exception_handler(UploadError)
-    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
 
     @app.exception_handler(LeukoError)
     async def _leuko_error(request: Request, exc: LeukoError) -> JSONResponse:

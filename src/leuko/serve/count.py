@@ -15,12 +15,14 @@ both through :func:`differential_count`.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Sequence
 
 from leuko.errors import LeukoError
 from leuko.fields.differential import (  # one home: leuko.fields.differential
     MIN_CELLS,
     Z95,
+    class_counts,
     wilson_interval,
 )
 
@@ -45,17 +47,7 @@ def differential_count(labels: Sequence[str], classes: Sequence[str], review: Se
     if review is not None and len(review) != len(labels):
         raise LeukoError(f"review has {len(review)} entries for {len(labels)} labels")
     n = len(labels)
-    rows = []
-    for c in classes:
-        k = sum(1 for lab in labels if lab == c)
-        lo, hi = wilson_interval(k, n)
-        rows.append({
-            "label": c,
-            "count": k,
-            "percent": 100.0 * k / n if n else 0.0,
-            "ci95_low": 100.0 * lo,
-            "ci95_high": 100.0 * hi,
-        })
+    rows = [asdict(c) for c in class_counts(labels, classes)]
     note = None
     if n < MIN_CELLS:
         note = (f"only {n} cell(s) counted; a differential needs at least {MIN_CELLS} cells "

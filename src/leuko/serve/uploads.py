@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from leuko.data.imageio import SUPPORTED_MODES, ResizeMode, load_rgb
-from leuko.errors import LeukoError
+from leuko.errors import LeukoError, Refusal
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 """PIL formats the service opens; restricting them keeps rarely used decoders out of reach."""
@@ -69,13 +69,8 @@ class UploadLimits:
         }
 
 
-class UploadError(Exception):
-    """A request the service refuses: an HTTP status and a one-line message for the client."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
+class UploadError(Refusal):
+    """An upload the service refuses: an HTTP status and a one-line message for the client."""
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 
-from leuko.errors import LeukoError
+from leuko.errors import LeukoError, Refusal
 from leuko.serve.count import differential_count
 from leuko.serve.store import migrate
 from leuko.serve.store.images import SUFFIXES, ImageStore
@@ -99,13 +99,8 @@ OVERLAP = 0.5
 EVENT_COLUMNS = ("event_id", "accession", "cell_id", "name", "action", "label_before", "label_after", "reviewer", "at", "request_id")
 
 
-class StoreError(LeukoError):
+class StoreError(Refusal):
     """A request the store refuses (nothing was changed): an HTTP status and one line."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
 
 
 @dataclass(frozen=True)
