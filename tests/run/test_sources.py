@@ -232,6 +232,14 @@ def test_source_weights_balance_classes_then_labs() -> None:
     m_pbc = 60 * half[0]
     m_lisc = 5 * half[60]
     assert m_pbc / m_lisc == pytest.approx(np.sqrt(60 / 5))
+    plain = source_weights(samples, power=0.0, class_power=0.0)  # neither balanced: every image alike
+    assert plain == pytest.approx(np.ones(len(samples)))
+    root = source_weights(samples, power=1.0, class_power=0.5)  # classes by the square root of their cells
+    mass_a = sum(wi for s, wi in zip(samples, root) if s.label == "a")
+    mass_b = sum(wi for s, wi in zip(samples, root) if s.label == "b")
+    assert mass_a / mass_b == pytest.approx(np.sqrt(65 / 60))
+    assert root.mean() == pytest.approx(1.0)
+    assert 60 * root[0] == pytest.approx(5 * root[60])  # labs still equal within the class
 
 
 # --------------------------------------------------------------------------- leave-one-lab-out

@@ -175,6 +175,7 @@ class TrainConfig(_Strict):
     class_weights: Literal["none", "balanced"] = "none"
     sampler: Literal["none", "balanced", "sources"] = Field("none", description="balanced: every class equally often; sources: that, and within each class every lab (data.sources) equally often.")
     source_balance: float = Field(1.0, ge=0.0, le=1.0, description="sampler: sources: 1 = each lab an equal share of a class, 0 = labs in proportion to their cells, 0.5 = in proportion to the square root.")
+    class_balance: float = Field(1.0, ge=0.0, le=1.0, description="sampler: sources: 1 = every class equally often, 0 = classes in proportion to their cells, 0.5 = to the square root.")
     grad_clip: Optional[float] = Field(None, gt=0.0)
     early_stopping: Optional[int] = Field(None, ge=1, description="Stop after this many epochs without validation improvement.")
     ema: Optional[float] = Field(None, gt=0.0, lt=1.0, description="EMA decay of weights (e.g. 0.999).")
