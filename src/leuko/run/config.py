@@ -173,7 +173,7 @@ class TrainConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: Literal["none", "balanced"] = "none"
-    sampler: Literal["none", "balanced", "sources"] = Field("none", description="balanced: every class equally often; sources: that, and within each class every lab (data.sources) equally often.")
+    sampler: Literal["none", "balanced", "sources"] = Field("none", description="balanced: every class equally often; sources: classes by class_balance, then labs within a class (data.sources) by source_balance.")
     source_balance: float = Field(1.0, ge=0.0, le=1.0, description="sampler: sources: 1 = each lab an equal share of a class, 0 = labs in proportion to their cells, 0.5 = in proportion to the square root.")
     class_balance: float = Field(1.0, ge=0.0, le=1.0, description="sampler: sources: 1 = every class equally often, 0 = classes in proportion to their cells, 0.5 = to the square root.")
     grad_clip: Optional[float] = Field(None, gt=0.0)

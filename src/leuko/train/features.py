@@ -166,7 +166,7 @@ def train_head_on_features(model: nn.Module, cfg: RunConfig, data: PreparedData,
         if tc.sampler == "balanced":
             w = class_weights_for(y_tr.tolist(), len(data.classes))[y_tr]
             order = torch.multinomial(w, n, replacement=True, generator=gen)
-        elif tc.sampler == "sources":  # classes and, within each class, labs equally often
+        elif tc.sampler == "sources":  # classes, then labs within a class (class_balance, source_balance)
             w = torch.as_tensor(source_weights(data.train, tc.source_balance, tc.class_balance), dtype=torch.float32)
             order = torch.multinomial(w, n, replacement=True, generator=gen)
         else:

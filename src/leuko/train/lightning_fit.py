@@ -85,7 +85,7 @@ def build_loaders(
         gen = torch.Generator().manual_seed(cfg.train.seed)
         sampler = torch.utils.data.WeightedRandomSampler(w.double(), num_samples=len(train_ds), replacement=True, generator=gen)
         train_loader = make_loader(train_ds, cfg.train.batch_size, sampler=sampler, **loader_kw)
-    elif cfg.train.sampler == "sources":  # classes and, within each class, labs equally often
+    elif cfg.train.sampler == "sources":  # classes, then labs within a class (class_balance, source_balance)
         w = torch.as_tensor(source_weights(data.train, cfg.train.source_balance, cfg.train.class_balance), dtype=torch.double)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         sampler = torch.utils.data.WeightedRandomSampler(w, num_samples=len(train_ds), replacement=True, generator=gen)
