@@ -213,6 +213,18 @@ def test_leave_one_lab_out_tests_on_all_of_the_lab(labs: dict[str, Path]) -> Non
     assert sum("copies" in str(s.path) for s in alpha_out.train) == 12  # another lab's copies still train
 
 
+def test_forgetting_is_measured_on_the_source_labs_not_the_left_out_one(labs: dict[str, Path]) -> None:
+    """Fine-tuning a leave-one-lab-out run on the lab it left out must not score 'forgetting' on that very lab."""
+    from leuko.derive.finetune import source_heldout
+
+    cfg = config_from_dict({"data": _data(labs, leave_out="beta", val_fraction=0.25)})
+    held = source_heldout(cfg, prepare_data(cfg.data, seed=0))
+    assert held and {s.source for s in held} == {"alpha", "gamma"}
+    plain = config_from_dict({"data": _data(labs)})
+    data = prepare_data(plain.data, seed=0)
+    assert source_heldout(plain, data) == list(data.test)
+
+
 def test_source_weights_balance_classes_then_labs() -> None:
     from leuko.data.samples import Sample
 
@@ -243,6 +255,28 @@ def test_source_weights_balance_classes_then_labs() -> None:
 
 
 # --------------------------------------------------------------------------- leave-one-lab-out
+
+
+def test_sampler_weights_are_one_home_for_both_training_paths(labs: dict[str, Path]) -> None:
+    """The DataLoader path and the cached-features path draw by the same weights: balanced is sklearn's
+    n / (C * count_c) (exactly what seeded runs drew before), sources is source_weights, shuffle is None."""
+    from leuko.run.config import TrainConfig
+    from leuko.run.data import sampler_weights
+    from leuko.train.lightning_fit import class_weights_for
+
+    data = _prepare(labs)
+    c2i = {c: i for i, c in enumerate(data.classes)}
+    y = [c2i[s.label] for s in data.train]
+    balanced = sampler_weights(TrainConfig(sampler="balanced"), data.train, y, len(data.classes))
+    old = class_weights_for(y, len(data.classes))[np.asarray(y)].double().numpy()
+    assert np.array_equal(balanced, old)
+    per_class = Counter()
+    for s, w in zip(data.train, balanced):
+        per_class[s.label] += w
+    assert np.allclose(list(per_class.values()), len(y) / len(per_class))  # every class the same share
+    tc = TrainConfig(sampler="sources", source_balance=0.5, class_balance=0.5)
+    assert np.array_equal(sampler_weights(tc, data.train, y, len(data.classes)), source_weights(data.train, 0.5, 0.5))
+    assert sampler_weights(TrainConfig(), data.train, y, len(data.classes)) is None
 
 
 def test_lab_cells_are_planned_one_per_testable_lab(labs: dict[str, Path]) -> None:

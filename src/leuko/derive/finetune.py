@@ -266,6 +266,14 @@ def decode_all(samples: Sequence[Sample], preprocess: Any, what: str) -> tuple[l
     return images, kept, failed
 
 
+def source_heldout(cfg: RunConfig, prepared: Any) -> list[Sample]:
+    """The source run's held-out images that measure forgetting: its test split, or its validation split when the
+    run left a lab out (its test split is then the lab it never saw, often the very lab being taught now)."""
+    if cfg.data.leave_out is not None:
+        return list(prepared.val)
+    return list(prepared.test or prepared.val)
+
+
 def replay_pool(cfg: RunConfig, run: RunFolder, preprocess: Any, classes: Sequence[str], seed: int,
                 per_class: int = REPLAY_PER_CLASS) -> tuple[list[np.ndarray], np.ndarray, Any]:
     """``(images, labels, prepared)``: up to ``per_class`` source-lab training images of each class, preprocessed,
@@ -385,7 +393,7 @@ def finetune_run(
     held_img, held_y = [], np.zeros(0, int)
     if prepared is None:
         prepared = prepare_data(cfg.data, seed=cfg.train.seed, split_file=run.split)
-    heldout = prepared.test or prepared.val
+    heldout = source_heldout(cfg, prepared)
     if heldout:
         held_img, held_kept, _ = decode_all(heldout, model_input.preprocess, "source-lab held-out images")
         held_y = np.array([c2i[s.label] for s in held_kept])
@@ -438,4 +446,4 @@ def clone(model: nn.Module) -> nn.Module:
 
 __all__ = ["FINETUNE_FILE", "FinetuneOutcome", "FinetuneResult", "LabelTargets", "array_logits", "clone", "decode_all",
            "draw_shots", "finetune_network", "finetune_run", "hold_out_validation",
-           "label_targets", "open_lab", "replay_pool"]
+           "label_targets", "open_lab", "replay_pool", "source_heldout"]

@@ -19,7 +19,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from leuko.data.locate import resolve_data
 from leuko.data.splits import ROLES, Split, assign_holdout, make_split
 from leuko.data.transforms import Transform, build_transforms
 from leuko.errors import LeukoError
-from leuko.run.config import DataConfig
+from leuko.run.config import DataConfig, TrainConfig
 
 
 @dataclass
@@ -335,6 +335,24 @@ def source_weights(samples: list[Sample], power: float = 1.0, class_power: float
             share[(label, lab)] = raw[lab] / total / n * class_raw[label] / class_total
     w = np.array([share[(s.label, s.source)] for s in samples])
     return w * len(samples)
+
+
+def sampler_weights(train: TrainConfig, samples: list[Sample], targets: Sequence[int], n_classes: int) -> np.ndarray | None:
+    """Per-sample draw weights of ``train.sampler`` (``None``: shuffle or in order), one home for training with
+    a DataLoader and for training a head on cached features, so both draw the same mix.
+
+    ``balanced``: every class equally often (sklearn's ``n / (C * count_c)``, rounded to float32 as it always
+    was, so seeded runs draw what they drew before); ``sources``: :func:`source_weights` with the config's
+    ``source_balance`` and ``class_balance``.
+    """
+    if train.sampler == "balanced":
+        counts = np.bincount(np.asarray(targets, dtype=int), minlength=n_classes).astype(float)
+        counts[counts == 0] = 1.0
+        w = (len(targets) / (n_classes * counts)).astype(np.float32)
+        return w[np.asarray(targets, dtype=int)].astype(np.float64)
+    if train.sampler == "sources":
+        return source_weights(samples, train.source_balance, train.class_balance)
+    return None
 
 
 def run_transform(cfg: DataConfig, info: Any, *, train: bool, seed: int | None = None) -> Transform:

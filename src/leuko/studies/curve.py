@@ -34,6 +34,7 @@ from leuko.derive.finetune import (
     finetune_network,
     open_lab,
     replay_pool,
+    source_heldout,
 )
 from leuko.errors import LeukoError
 from leuko.evaluate.metrics import compute_metrics
@@ -122,7 +123,7 @@ def learning_curve(
     c2i_model = {c: i for i, c in enumerate(card.classes)}
     c2i_lab = {c: i for i, c in enumerate(lab_classes)}
     replay_img, replay_y, prepared = replay_pool(cfg, run, model_input.preprocess, card.classes, seed=0)
-    held_img, held_kept, _ = decode_all(prepared.test or prepared.val, model_input.preprocess, "source-lab held-out images")
+    held_img, held_kept, _ = decode_all(source_heldout(cfg, prepared), model_input.preprocess, "source-lab held-out images")
     held_y = np.array([c2i_model[s.label] for s in held_kept])
     prep_s = time.perf_counter() - t0
     echo(f"decoded in {prep_s:.0f} s ({len(failed)} unreadable)")

@@ -28,7 +28,7 @@ from leuko.data.preprocess import step_versions
 from leuko.data.samples import Sample
 from leuko.paths import cache_dir
 from leuko.run.config import RunConfig
-from leuko.run.data import PreparedData, run_transform, source_weights
+from leuko.run.data import PreparedData, run_transform, sampler_weights
 from leuko.run.folder import RunFolder
 from leuko.train.callbacks import append_metrics_row, improves
 from leuko.train.lightning_fit import class_weights_for
@@ -155,6 +155,8 @@ def train_head_on_features(model: nn.Module, cfg: RunConfig, data: PreparedData,
     total = steps_per_epoch * tc.epochs
     base_lrs = [g["lr"] for g in opt.param_groups]
     weights = class_weights_for(y_tr.tolist(), len(data.classes)) if tc.class_weights == "balanced" else None
+    w_draw = sampler_weights(tc, data.train, y_tr.tolist(), len(data.classes))
+    draw = None if w_draw is None else torch.as_tensor(w_draw, dtype=torch.float32)
     gen = torch.Generator().manual_seed(tc.seed)
     best_acc, best_state, best_epoch, bad_epochs = -1.0, copy.deepcopy(head.state_dict()), 0, 0
     best_loss = float("inf")  # for early stopping
@@ -163,12 +165,8 @@ def train_head_on_features(model: nn.Module, cfg: RunConfig, data: PreparedData,
     for epoch in range(tc.epochs):
         t0 = time.perf_counter()
         head.train()
-        if tc.sampler == "balanced":
-            w = class_weights_for(y_tr.tolist(), len(data.classes))[y_tr]
-            order = torch.multinomial(w, n, replacement=True, generator=gen)
-        elif tc.sampler == "sources":  # classes, then labs within a class (class_balance, source_balance)
-            w = torch.as_tensor(source_weights(data.train, tc.source_balance, tc.class_balance), dtype=torch.float32)
-            order = torch.multinomial(w, n, replacement=True, generator=gen)
+        if draw is not None:  # balanced, or sources: classes, then labs within a class
+            order = torch.multinomial(draw, n, replacement=True, generator=gen)
         else:
             order = torch.randperm(n, generator=gen)
         tot_loss, correct, seen = 0.0, 0, 0

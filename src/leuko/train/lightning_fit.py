@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 from leuko.data.pipeline import DecodedCache, SampleDataset, make_loader
 from leuko.errors import LeukoError
 from leuko.run.config import RunConfig
-from leuko.run.data import PreparedData, run_transform, source_weights
+from leuko.run.data import PreparedData, run_transform, sampler_weights
 from leuko.run.folder import RunFolder
 from leuko.train.callbacks import (
     BestAndLastCheckpoint,
@@ -80,15 +80,11 @@ def build_loaders(
         cache = DecodedCache(data.train + data.val, t_train.preprocess)
     train_ds = SampleDataset(data.train, c2i, cfg.data.image_size, transform=t_train, cache=cache, soft_targets=soft_targets)
     loader_kw: dict[str, Any] = {"num_workers": cfg.data.num_workers, "seed": cfg.train.seed}
-    if cfg.train.sampler == "balanced":
-        w = class_weights_for(train_ds.targets, len(data.classes))[torch.tensor(train_ds.targets)]
+    w = sampler_weights(cfg.train, data.train, train_ds.targets, len(data.classes))
+    if w is not None:  # balanced, or sources: classes, then labs within a class
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        sampler = torch.utils.data.WeightedRandomSampler(w.double(), num_samples=len(train_ds), replacement=True, generator=gen)
-        train_loader = make_loader(train_ds, cfg.train.batch_size, sampler=sampler, **loader_kw)
-    elif cfg.train.sampler == "sources":  # classes, then labs within a class (class_balance, source_balance)
-        w = torch.as_tensor(source_weights(data.train, cfg.train.source_balance, cfg.train.class_balance), dtype=torch.double)
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        sampler = torch.utils.data.WeightedRandomSampler(w, num_samples=len(train_ds), replacement=True, generator=gen)
+        sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(train_ds),
+                                                         replacement=True, generator=gen)
         train_loader = make_loader(train_ds, cfg.train.batch_size, sampler=sampler, **loader_kw)
     else:
         train_loader = make_loader(
