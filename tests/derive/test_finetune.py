@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -153,3 +154,11 @@ def test_curve_table_plot_and_points(lab: tuple[Path, Path], tmp_path: Path) -> 
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 1000
     rows = (tmp_path / "curve" / "curve.csv").read_text().splitlines()
     assert rows[0].startswith("method,shots,draws") and len(rows) == 4
+    # which errors are left: each point's confusion counts its test cells, accuracy is its diagonal
+    for p in points:
+        c = np.asarray(p.confusion)
+        assert c.sum() == p.n_test and abs(np.trace(c) / c.sum() - p.accuracy) < 1e-9
+    conf = pd.read_csv(tmp_path / "curve" / "confusion.csv")
+    fine = conf[(conf.method == "finetune") & (conf.shots == 3)]
+    assert fine.cells.sum() == 2 * 33 and len(fine) == 3 * 3  # two draws' test cells, 3 x 3 (true, predicted)
+    assert "## Where the errors are" in table and "| finetune | 3 |" in table.split("## Where the errors are")[1]

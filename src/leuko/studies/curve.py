@@ -61,6 +61,8 @@ class CurvePoint:
     balanced_accuracy: float
     source_accuracy: float | None
     seconds: float
+    confusion: list[list[int]] | None = None
+    """Counts of (true, predicted) over the test cells, in the lab's classes: which errors are left."""
 
 
 def parse_shots(text: str | Sequence[int]) -> list[int]:
@@ -80,7 +82,9 @@ def _score(logits: np.ndarray, temperature: float, y: np.ndarray, classes: list[
     probs = map_probs(softmax(logits, temperature), m)
     metrics = compute_metrics(y, probs, classes, n_bootstrap=0)
     small = metrics.get("small_classes") or {}
-    return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(confusion, (np.asarray(y, dtype=int), probs.argmax(1)), 1)
+    return {"confusion": confusion.tolist(), "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
             "macro_f1_common": float(small.get("macro_f1_common", metrics["macro_f1"])),
             "balanced_accuracy": float(metrics["balanced_accuracy"])}
 
@@ -176,7 +180,7 @@ def learning_curve(
                 z = array_logits(scratch, cfg, [images[i] for i in idx])
                 record(CurvePoint("fresh", k, d, len(tr), len(idx), **_score(z, 1.0, y, lab_classes, m),
                                   source_accuracy=None, seconds=time.perf_counter() - ts))
-    write_curve(points, out_dir, title=f"{run.path.name} on {index.root.name}", preprocessing_s=prep_s)
+    write_curve(points, out_dir, title=f"{run.path.name} on {index.root.name}", preprocessing_s=prep_s, classes=lab_classes)
     return points
 
 
@@ -196,12 +200,49 @@ def summarise(points: Sequence[CurvePoint]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_curve(points: Sequence[CurvePoint], out_dir: Path, *, title: str, preprocessing_s: float = 0.0) -> list[dict[str, Any]]:
-    """``curve.csv``, ``curve.md`` and ``curve.png`` of ``points`` into ``out_dir``."""
+def summed_confusions(points: Sequence[CurvePoint]) -> dict[tuple[str, int], np.ndarray]:
+    """(method, K) -> the confusion matrix summed over that row's draws (points without one are skipped)."""
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for p in points:
+        if p.confusion is not None:
+            c = np.asarray(p.confusion, dtype=int)
+            key = (p.method, p.shots)
+            out[key] = out[key] + c if key in out else c
+    return out
+
+
+def _confusion_lines(rows: Sequence[dict[str, Any]], sums: dict[tuple[str, int], np.ndarray], classes: Sequence[str],
+                     top: int = 3) -> list[str]:
+    """curve.md's error section: recall per class and the most frequent confusions of each row, over its draws."""
+    lines = ["", "## Where the errors are (test cells summed over a row's draws)", "",
+             "| method | K per class | " + " | ".join(f"{c} recall" for c in classes) + " | most frequent errors (true -> called) |",
+             "|---|---:|" + "---:|" * len(classes) + "---|"]
+    for r in rows:
+        c = sums.get((r["method"], r["shots"]))
+        if c is None:
+            continue
+        support = c.sum(1)
+        recall = [f"{c[i, i] / support[i]:.2f} ({support[i]})" if support[i] else "-" for i in range(len(classes))]
+        off = [(int(c[i, j]), classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes)) if i != j and c[i, j]]
+        worst = ", ".join(f"{t} -> {p} {n}" for n, t, p in sorted(off, key=lambda e: -e[0])[:top]) or "none"
+        lines.append(f"| {r['method']} | {r['shots']} | " + " | ".join(recall) + f" | {worst} |")
+    return lines
+
+
+def write_curve(points: Sequence[CurvePoint], out_dir: Path, *, title: str, preprocessing_s: float = 0.0,
+                classes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``curve.csv``, ``curve.md`` and ``curve.png`` of ``points`` into ``out_dir``; with ``classes`` (the lab's, the
+    order of the points' confusion matrices) also ``confusion.csv`` and the errors left in ``curve.md``."""
     import pandas as pd
 
     rows = summarise(points)
     pd.DataFrame(rows).to_csv(out_dir / "curve.csv", index=False)
+    sums = summed_confusions(points) if classes is not None else {}
+    if sums:
+        assert classes is not None
+        pd.DataFrame([{"method": method, "shots": k, "true": classes[i], "predicted": classes[j], "cells": int(c[i, j])}
+                      for (method, k), c in sums.items() for i in range(len(classes)) for j in range(len(classes))]
+                     ).to_csv(out_dir / "confusion.csv", index=False)
 
     def ms(r: dict[str, Any], k: str) -> str:
         if r.get(k) is None:
@@ -216,6 +257,9 @@ def write_curve(points: Sequence[CurvePoint], out_dir: Path, *, title: str, prep
                      f"{ms(r, 'macro_f1_common')} | {ms(r, 'balanced_accuracy')} | {ms(r, 'source_accuracy')} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", f"Images decoded and preprocessed once: {preprocessing_s:.0f} s (not in the per-point times)."]
+    if sums:
+        assert classes is not None
+        lines += _confusion_lines(rows, sums, list(classes))
     (out_dir / "curve.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -243,4 +287,4 @@ def write_curve(points: Sequence[CurvePoint], out_dir: Path, *, title: str, prep
     return rows
 
 
-__all__ = ["DEFAULT_SHOTS", "CurvePoint", "learning_curve", "parse_shots", "summarise", "write_curve"]
+__all__ = ["DEFAULT_SHOTS", "CurvePoint", "learning_curve", "parse_shots", "summarise", "summed_confusions", "write_curve"]
