@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -337,6 +338,15 @@ def source_weights(samples: list[Sample], power: float = 1.0, class_power: float
     return w * len(samples)
 
 
+def balanced_class_weights(targets: Sequence[int], n_classes: int) -> np.ndarray:
+    """``n / (C * count_c)`` per class: the usual "balanced" weights (sklearn's formula); a class without a
+    training image counts as one, so its weight stays finite. The loss's ``class_weights: balanced`` and the
+    ``balanced`` sampler both read it."""
+    counts = np.bincount(np.asarray(targets, dtype=int), minlength=n_classes).astype(float)
+    counts[counts == 0] = 1.0
+    return len(targets) / (n_classes * counts)
+
+
 def sampler_weights(train: TrainConfig, samples: list[Sample], targets: Sequence[int], n_classes: int) -> np.ndarray | None:
     """Per-sample draw weights of ``train.sampler`` (``None``: shuffle or in order), one home for training with
     a DataLoader and for training a head on cached features, so both draw the same mix.
@@ -346,9 +356,7 @@ def sampler_weights(train: TrainConfig, samples: list[Sample], targets: Sequence
     ``source_balance`` and ``class_balance``.
     """
     if train.sampler == "balanced":
-        counts = np.bincount(np.asarray(targets, dtype=int), minlength=n_classes).astype(float)
-        counts[counts == 0] = 1.0
-        w = (len(targets) / (n_classes * counts)).astype(np.float32)
+        w = balanced_class_weights(targets, n_classes).astype(np.float32)
         return w[np.asarray(targets, dtype=int)].astype(np.float64)
     if train.sampler == "sources":
         return source_weights(samples, train.source_balance, train.class_balance)

@@ -82,9 +82,7 @@ def _score(logits: np.ndarray, temperature: float, y: np.ndarray, classes: list[
     probs = map_probs(softmax(logits, temperature), m)
     metrics = compute_metrics(y, probs, classes, n_bootstrap=0)
     small = metrics.get("small_classes") or {}
-    confusion = np.zeros((len(classes), len(classes)), dtype=int)
-    np.add.at(confusion, (np.asarray(y, dtype=int), probs.argmax(1)), 1)
-    return {"confusion": confusion.tolist(), "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
+    return {"confusion": metrics["confusion_matrix"], "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
             "macro_f1_common": float(small.get("macro_f1_common", metrics["macro_f1"])),
             "balanced_accuracy": float(metrics["balanced_accuracy"])}
 

@@ -22,7 +22,12 @@ from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
 from leuko.data.pipeline import DecodedCache, SampleDataset, make_loader
 from leuko.errors import LeukoError
 from leuko.run.config import RunConfig
-from leuko.run.data import PreparedData, run_transform, sampler_weights
+from leuko.run.data import (
+    PreparedData,
+    balanced_class_weights,
+    run_transform,
+    sampler_weights,
+)
 from leuko.run.folder import RunFolder
 from leuko.train.callbacks import (
     BestAndLastCheckpoint,
@@ -39,10 +44,8 @@ log = logging.getLogger("leuko.train")
 
 
 def class_weights_for(targets: list[int], n_classes: int) -> torch.Tensor:
-    """``n / (C * count_c)``: the usual "balanced" weights (sklearn's formula)."""
-    counts = np.bincount(np.asarray(targets), minlength=n_classes).astype(float)
-    counts[counts == 0] = 1.0
-    return torch.tensor(len(targets) / (n_classes * counts), dtype=torch.float32)
+    """:func:`leuko.run.data.balanced_class_weights` as the float32 tensor a loss takes."""
+    return torch.tensor(balanced_class_weights(targets, n_classes), dtype=torch.float32)
 
 
 def resume_checkpoint(run: RunFolder, echo: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
