@@ -131,11 +131,46 @@ def test_class_map_merges_and_excludes_on_another_label_set(tiny_run: Path, tmp_
     assert call(["evaluate", str(tiny_run), "--data", str(lab), "--out", str(tmp_path / "ev3")]) == 2
 
 
+def test_label_map_reads_the_data_labels_as_the_run_classes(tiny_run: Path, tmp_path: Path) -> None:
+    # A lab with finer labels than the run (an eight-class lab scored by a five-type model): "band" cells are
+    # neutrophils, "ig" and "platelet" have no class in the run and are dropped, counted in metrics.json.
+    lab = tmp_path / "lab"
+    counts = {"eosinophil": 3, "lymphocyte": 3, "monocyte": 2, "neutrophil": 2, "band": 2, "ig": 4, "platelet": 1}
+    for ci, (cls, n) in enumerate(counts.items()):
+        for i in range(n):
+            make_cell(lab / cls / f"{i}.png", size=(48, 48), seed=500 + 10 * ci + i, hue=40 * ci)
+    lmap = tmp_path / "labels.yaml"
+    lmap.write_text("merge: {band: neutrophil}\nexclude: [ig, platelet]\n")
+    m = evaluate_run(tiny_run, data=lab, out=tmp_path / "ev", label_map=lmap, figures=False, echo=lambda s: None)
+    assert m["classes"] == CLASSES and m["n"] == 3 + 3 + 2 + 2 + 2
+    assert m["label_map"]["dropped"] == {"ig": 4, "platelet": 1}
+    frame = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    assert (frame["true"] == "neutrophil").sum() == 4 and not frame["path"].str.contains("/ig/").any()
+    # Bad maps and misuse: one-line errors, exit 2.
+    half = tmp_path / "half.yaml"
+    half.write_text("merge: {band: neutrophil}\nexclude: [platelet]\n")
+    with pytest.raises(LeukoError, match=r"label\(s\) \['ig'\] outside the classes"):
+        evaluate_run(tiny_run, data=lab, out=tmp_path / "ev2", label_map=half, figures=False, echo=lambda s: None)
+    with pytest.raises(LeukoError, match="--label-map is for another dataset"):
+        evaluate_run(tiny_run, out=tmp_path / "ev3", label_map=lmap, figures=False, echo=lambda s: None)
+    assert call(["evaluate", str(tiny_run), "--data", str(lab), "--label-map", "no-such-map", "--out", str(tmp_path / "ev4")]) == 2
+    assert call(["evaluate", str(tiny_run), "--data", str(lab), "--label-map", str(lmap), "--out", str(tmp_path / "ev5")]) == 0
+    assert json.loads((tmp_path / "ev5" / "metrics.json").read_text())["n"] == 12
+
+
 def test_shipped_class_map_by_name_and_by_its_older_name() -> None:
     for name in ("pbc-to-five", "pbc-to-bccd"):
         cm = ClassMap.load(name)
         assert cm.merge == {"ig": "neutrophil"} and sorted(cm.exclude) == ["erythroblast", "platelet"]
-    with pytest.raises(LeukoError, match="shipped maps: pbc-to-bccd, pbc-to-five"):
+    # Training or testing on PBC's own cells beside five-type labs: immature granulocytes are dropped, not renamed.
+    mature = ClassMap.load("pbc-to-five-mature")
+    pbc8 = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+    five = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    labels = mature.label_map(pbc8, five, where="pbc")
+    assert labels["ig"] is None and labels["erythroblast"] is None and labels["platelet"] is None
+    assert {k: v for k, v in labels.items() if v is not None} == {c: c for c in five}
+    assert ClassMap.load("pbc-to-five").label_map(pbc8, five)["ig"] == "neutrophil"
+    with pytest.raises(LeukoError, match="shipped maps: pbc-to-bccd, pbc-to-five, pbc-to-five-mature"):
         ClassMap.load("no-such-map")
 
 

@@ -40,6 +40,12 @@ def evaluate_cmd(
         "YAML/JSON with 'merge' and 'exclude' to match another label set, or a shipped map by name "
         "(pbc-to-five: PBC's 8 classes onto the five white-cell types; alias pbc-to-bccd)."
     ),
+    label_map: str | None = typer.Option(
+        None, "--label-map",
+        help="How the data's labels become the run's classes (file or shipped name, as data.sources' class_map): "
+             "merged labels are renamed, excluded ones' images dropped, e.g. pbc-to-five-mature to score a "
+             "five-type run on PBC's 8 classes.",
+    ),
     tta: bool = TtaOpt,
     margin: float | None = MarginOpt,
 ) -> None:
@@ -49,7 +55,7 @@ def evaluate_cmd(
     from leuko.evaluate.run import evaluate_run
 
     m = evaluate_run(run_dir, data=data, layout=layout, split=split, out=out, class_map=class_map, tta=tta,
-                     echo=console.print, layout_options=layout_options(margin) or None)
+                     echo=console.print, layout_options=layout_options(margin) or None, label_map=label_map)
     console.print(m["report"], highlight=False)
     ci = m.get("ci95") or {}
     acc_ci = ci.get("accuracy") or [None, None]

@@ -11,12 +11,15 @@ It lives in ``data`` because it is a fact about label sets, used by evaluation, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from leuko.data.samples import Sample
 from leuko.errors import LeukoError
 
 
@@ -106,6 +109,26 @@ class ClassMap:
         if lost:
             raise LeukoError(f"{where} has label(s) {lost} outside the classes {classes}: merge or exclude them in its class_map")
         return out
+
+    def relabel(self, samples: Sequence[Sample], classes: list[str], *, where: str = "the data",
+                labels: Iterable[str] = (), source: str | None = None) -> tuple[list[Sample], Counter[str]]:
+        """``(kept, dropped)``: ``samples`` with their labels mapped onto ``classes`` by :meth:`label_map`.
+
+        The one place a dataset's labels are read the other way round (training on several labs, scoring a
+        five-type model on an eight-class lab): merged labels are renamed, excluded ones dropped and counted per
+        label, so a report can say what left. ``labels``: the dataset's classes beyond those its samples carry
+        (a class folder may be empty); ``source``: the lab to record on every kept sample.
+        """
+        mapping = self.label_map(sorted(set(labels) | {s.label for s in samples}), classes, where=where)
+        kept: list[Sample] = []
+        dropped: Counter[str] = Counter()
+        for s in samples:
+            target = mapping[s.label]
+            if target is None:
+                dropped[s.label] += 1
+            else:
+                kept.append(replace(s, label=target, source=s.source if source is None else source))
+        return kept, dropped
 
 
 def map_probs(probs: np.ndarray, m: np.ndarray) -> np.ndarray:

@@ -83,8 +83,14 @@ def evaluate_run(
     figures: bool = True,
     echo: Callable[[str], None] = print,
     layout_options: dict[str, Any] | None = None,
+    label_map: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run; writes ``metrics.json``, ``predictions.csv`` and figures into ``out``.
+
+    ``class_map`` reads the *model's* classes as the data's (a PBC model's ``ig`` counts for a five-type lab's
+    neutrophil); ``label_map`` reads the *data's* labels as the model's, as ``data.sources[].class_map`` does in
+    training (a five-type model scored on PBC's eight classes: ``pbc-to-five-mature`` drops PBC's immature
+    granulocytes, erythroblasts and platelets). Only for another dataset: a run's own data is already mapped.
 
     Returns the metrics dict (with ``data``, ``class_map`` and ``report`` entries added; on
     another dataset also ``in_lab``: the run's own held-out numbers, see :func:`in_lab_metrics`;
@@ -110,6 +116,13 @@ def evaluate_run(
         samples = index.samples
         target_classes = index.classes
         source = f"{index.root} (all {len(samples)} samples, layout {index.layout})"
+        if label_map is not None:
+            samples, dropped = ClassMap.load(label_map).relabel(samples, run.class_names(), where=str(index.root),
+                                                                labels=index.classes)
+            target_classes = sorted({s.label for s in samples})
+            label_notes = [f"{k} ({v})" for k, v in sorted(dropped.items())]
+            source = (f"{index.root} ({len(samples)} of {len(index.samples)} samples, layout {index.layout}; "
+                      f"label map {label_map}" + (f" drops {', '.join(label_notes)}" if label_notes else "") + ")")
         used = run.finetuned_cells(index.root)
         if used:  # a run fine-tuned on this lab is scored on the cells it never learned from or calibrated on
             samples = [s for s in samples if s.relkey(index.root) not in used]
@@ -117,6 +130,8 @@ def evaluate_run(
                       "cells the run was fine-tuned or calibrated on are left out)")
             echo(f"leaving out the {len(index.samples) - len(samples)} cells {run.path.name} was fine-tuned or calibrated on")
         own_data = False
+    if label_map is not None and own_data:
+        raise LeukoError("--label-map is for another dataset (--data): the run's own data is mapped by its config")
     if not samples:
         raise LeukoError(f"no images to evaluate in the {split!r} part")
     predictor = load_predictor(run.path)
@@ -150,6 +165,8 @@ def evaluate_run(
     if not own_data:
         metrics["in_lab"] = in_lab_metrics(run, tta=tta)
     metrics["class_map"] = {"merge": cmap.merge, "exclude": cmap.exclude, "notes": notes}
+    if label_map is not None:
+        metrics["label_map"] = {"map": str(label_map), "dropped": dict(sorted(dropped.items()))}
     metrics["temperature"] = predictor.temperature
     metrics["tta"] = tta
     out_dir.mkdir(parents=True, exist_ok=True)

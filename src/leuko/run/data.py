@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -192,16 +192,8 @@ def load_sources(cfg: DataConfig, *, seed: int, cap: bool = True) -> tuple[Datas
             raise LeukoError(f"data.sources: source {name!r}: path does not exist: {path}")
         index = load_dataset(path, src.layout, source_splits=src.source_splits, **src.layout_options)
         cmap = ClassMap.load(src.class_map) if src.class_map else ClassMap()
-        labels = sorted(set(index.classes) | {s.label for s in index.samples})
-        mapping = cmap.label_map(labels, classes, where=f"source {name!r}")
-        dropped: Counter[str] = Counter()
-        samples = []
-        for s in index.samples:
-            target = mapping[s.label]
-            if target is None:
-                dropped[s.label] += 1
-            else:
-                samples.append(replace(s, label=target, source=src.lab_name))
+        samples, dropped = cmap.relabel(index.samples, classes, where=f"source {name!r}", labels=index.classes,
+                                        source=src.lab_name)
         if cap and cfg.per_class:
             samples = cap_per_class(samples, cfg.per_class, seed)
         if not samples:
