@@ -134,6 +134,7 @@ def test_the_multi_lab_recipe_validates() -> None:
     assert cfg.data.classes == CLASS_SETS["five"]
     assert [s.train_only for s in cfg.data.sources] == [False, False, True, False]
     assert cfg.train.sampler == "sources" and cfg.model.freeze == "bn"
+    assert cfg.data.sources[0].class_map == "pbc-to-five-mature"  # PBC's immature granulocytes are not neutrophils
 
 
 # --------------------------------------------------------------------------- loading and splitting
