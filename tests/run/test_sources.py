@@ -383,14 +383,93 @@ def test_a_comparison_grid_ranks_recipes_lab_by_lab(labs: dict[str, Path], lolo_
     base = lolo_run["base"]
     grid = base / "grid.yaml"
     grid.write_text(yaml.safe_dump({"name": "tiny-lolo", "base": {"data": _data(labs)}, "set": TINY,
-                                    "cells": {"plain": {"train.sampler": "none"}}, "leave_one_lab_out": True}))
+                                    "cells": {"plain": {"train.sampler": "none"}, "short": {"train.sampler": "none", "train.epochs": 1}},
+                                    "leave_one_lab_out": True}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LEUKO_CACHE_DIR", str(base / "cache"))
         mp.setattr("leuko.evaluate.run._figures", lambda *a, **k: None)
         res = compare(grid, base / "grid-out", echo=lambda s: None)
-    (row,) = res["rows"]
-    assert row["cell"] == "plain" and row["n_test"] == 40 + 24 + 18
+    row, short = res["rows"]
+    assert row["cell"] == "plain" and row["n_test"] == 40 + 24 + 18 and "d_accuracy" not in row
+    # the second cell against the first, paired on the same cells: the mean of the labs' differences
+    assert short["d_accuracy"] == pytest.approx(short["accuracy"] - row["accuracy"])
+    assert short["d_accuracy_lo"] <= short["d_accuracy"] <= short["d_accuracy_hi"]
     assert row["worst_accuracy"] == pytest.approx(min(row[f"accuracy_{lab}"] for lab in ("alpha", "beta", "gamma")))
     assert row["accuracy"] == pytest.approx(np.mean([row[f"accuracy_{lab}"] for lab in ("alpha", "beta", "gamma")]))
     assert json.loads((base / "grid-out" / "plan.json").read_text())["kind"] == "compare-lolo"
     assert (base / "grid-out" / "plain" / "without-gamma" / "eval" / "test" / "predictions.csv").is_file()
+
+
+def _preds(path: Path, y: np.ndarray, pred: np.ndarray, order: np.ndarray | None = None) -> Path:
+    names = np.array(CLASSES)
+    frame = pd.DataFrame({"path": [f"c{i}.png" for i in range(y.size)], "true": names[y], "pred": names[pred]})
+    (frame if order is None else frame.iloc[order]).to_csv(path, index=False)
+    return path
+
+
+def test_paired_lab_scores_are_the_difference_on_the_same_cells(tmp_path: Path) -> None:
+    from leuko.studies.labscores import mean_difference, paired_lab_scores
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(120, int), np.ones(60, int), np.full(20, 2)]
+    base = np.where(rng.random(y.size) < 0.7, y, (y + 1) % 3)
+    better = base.copy()
+    wrong = np.flatnonzero(base != y)
+    better[wrong[:10]] = y[wrong[:10]]  # 10 more cells right (+5 points), none lost
+    a = _preds(tmp_path / "a.csv", y, better)
+    b = _preds(tmp_path / "b.csv", y, base, order=rng.permutation(y.size))  # another order: matched by path
+    row, draws = paired_lab_scores(a, b, CLASSES, n_bootstrap=300)
+    assert row["n_test"] == 200 and row["only_this_right"] == 10 and row["only_baseline_right"] == 0
+    assert row["d_accuracy"] == pytest.approx(10 / 200)
+    sa, sb = lab_scores(a, CLASSES, n_bootstrap=0), lab_scores(b, CLASSES, n_bootstrap=0)
+    for m in ("accuracy", "macro_f1_common", "balanced_accuracy"):
+        assert row[f"d_{m}"] == pytest.approx(sa[m] - sb[m])
+        assert row[f"d_{m}_lo"] <= row[f"d_{m}"] <= row[f"d_{m}_hi"]
+    # paired: every resample has the better model ahead, although the two separate intervals overlap
+    assert row["d_accuracy_lo"] > 0 and draws.shape == (300, 3)
+    sa, sb = lab_scores(a, CLASSES, n_bootstrap=300), lab_scores(b, CLASSES, n_bootstrap=300)
+    assert sa["accuracy_lo"] < sb["accuracy_hi"]
+    same, _ = paired_lab_scores(b, b, CLASSES, n_bootstrap=50)
+    assert same["d_accuracy"] == same["d_accuracy_lo"] == same["d_accuracy_hi"] == 0
+    mean = mean_difference([row, same], [draws, np.zeros((50, 3))])
+    assert mean["d_accuracy"] == pytest.approx(10 / 400) and mean["only_this_right"] == 10
+    assert 0 < mean["d_accuracy_lo"] <= mean["d_accuracy"] <= mean["d_accuracy_hi"]
+
+
+def test_a_paired_comparison_refuses_different_cells(tmp_path: Path) -> None:
+    from leuko.studies.labscores import paired_lab_scores
+
+    y = np.r_[np.zeros(12, int), np.ones(12, int)]
+    a = _preds(tmp_path / "a.csv", y, y)
+    fewer = _preds(tmp_path / "fewer.csv", y[:20], y[:20])
+    relabelled = _preds(tmp_path / "relabelled.csv", 1 - y, y)
+    with pytest.raises(LeukoError, match="not tested on the same cells .24 and 20, 20 in common"):
+        paired_lab_scores(a, fewer, CLASSES)
+    with pytest.raises(LeukoError, match="different true labels"):
+        paired_lab_scores(a, relabelled, CLASSES)
+    with pytest.raises(LeukoError, match="no predictions at"):
+        paired_lab_scores(a, tmp_path / "absent.csv", CLASSES)
+
+
+def test_cv_against_another_lolo_folder_writes_the_paired_table(lolo_run: dict, tmp_path: Path) -> None:
+    import shutil
+
+    out = lolo_run["out"]
+    other = tmp_path / "other-recipe"
+    shutil.copytree(out, other)
+    preds_path = other / "without-beta" / "eval" / "test" / "predictions.csv"
+    preds = pd.read_csv(preds_path)
+    right = np.flatnonzero(preds["true"] == preds["pred"])[:3]
+    preds.loc[right, "pred"] = [next(c for c in CLASSES if c != t) for t in preds.loc[right, "true"]]
+    preds.to_csv(preds_path, index=False)  # the "baseline" gets 3 of beta's cells wrong that ours gets right
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEUKO_CACHE_DIR", str(lolo_run["base"] / "cache"))
+        assert call([*lolo_run["argv"], "--against", str(other)]) == 0  # every cell done: only the comparison
+    table = pd.read_csv(out / "vs-other-recipe.csv").set_index("lab")
+    assert list(table.index) == ["alpha", "beta", "gamma", "mean"]
+    assert table.loc["beta", "d_accuracy"] == pytest.approx(3 / 24) and table.loc["beta", "only_this_right"] == 3
+    assert table.loc["alpha", "d_accuracy"] == 0 and table.loc["gamma", "only_baseline_right"] == 0
+    assert table.loc["mean", "d_accuracy"] == pytest.approx(3 / 24 / 3)
+    assert "Δ accuracy (paired 95% CI)" in (out / "vs-other-recipe.md").read_text()
+    assert call([*lolo_run["argv"], "--against", str(tmp_path / "nowhere")]) == 2
+    assert call(["cv", lolo_run["argv"][1], "--against", str(other)]) == 2

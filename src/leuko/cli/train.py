@@ -53,11 +53,15 @@ def cv_cmd(
     data: Path | None = DataOverrideOpt,
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default runs/<config>-cv<K> or runs/<config>-lolo); re-run to resume."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key (repeatable)."),
+    against: Path | None = typer.Option(None, "--against", help="With --leave-one-lab-out: another recipe's finished leave-one-lab-out folder; adds the paired difference lab by lab (OUT/vs-<its name>.md)."),
 ) -> None:
     """Stratified (or group) K-fold cross-validation: a run per fold, a table per fold, mean ± std.
 
     With --leave-one-lab-out (a config with data.sources): a run per lab left out, a table per lab
     (accuracy, macro-F1 over classes with >= 10 cells, balanced accuracy, 95% CIs), mean and worst lab.
+    With --against OTHER (another leave-one-lab-out folder): this table minus that one on the same
+    cells, with paired bootstrap intervals (the two recipes' separate intervals overlap long before
+    a difference is noise).
     """
     from leuko.evaluate.metrics import format_mean_std
     from leuko.run.config import load_config
@@ -71,12 +75,24 @@ def cv_cmd(
             raise LeukoError("--leave-one-lab-out splits by lab: drop --folds/--grouped")
         if data is not None:
             raise LeukoError("--leave-one-lab-out reads the paths of data.sources: drop --data")
-        res = lolo(cfg, out or Path("runs") / f"{config.stem}-lolo", echo=console.print)
+        target = out or Path("runs") / f"{config.stem}-lolo"
+        if against is not None and not (against / "lolo.json").is_file():  # before hours of training, not after
+            raise LeukoError(f"--against {against}: not a finished leave-one-lab-out folder (no lolo.json)")
+        res = lolo(cfg, target, echo=console.print)
         cols = ["lab", "n_test", "accuracy", "macro_f1_common", "balanced_accuracy", "train_time_min"]
         summary = [{"lab": k, **v} for k, v in res["summary"].items()]
         console.print(rows_table("leave-one-lab-out", res["labs"] + summary, cols))
         print_written(f"{res['out']}/lolo.csv, lolo.md, lolo.json, lolo.png")
+        if against is not None:
+            from leuko.studies.grid import lab_table_against
+
+            vs = lab_table_against(target, against, list(cfg.data.classes or []), echo=console.print)
+            console.print(f"mean over labs: accuracy {vs['mean']['d_accuracy']:+.4f} "
+                          f"({vs['mean']['d_accuracy_lo']:+.4f} to {vs['mean']['d_accuracy_hi']:+.4f}) against {against}")
+            print_written(vs["md"])
         return
+    if against is not None:
+        raise LeukoError("--against compares leave-one-lab-out tables: add --leave-one-lab-out")
     folds = 5 if folds is None else folds
     target = out or Path("runs") / f"{config.stem}-cv{folds}"
     res = cross_validate(cfg, target, folds, grouped=grouped, data_path=data, echo=console.print)

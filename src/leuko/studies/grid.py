@@ -68,6 +68,7 @@ from leuko.run.config import (
     read_yaml_mapping,
 )
 from leuko.run.folder import RunFolder
+from leuko.studies.labscores import LAB_HEADERS, LAB_METRICS, lab_scores, mean_difference, paired_lab_scores
 
 Echo = Callable[[str], None]
 
@@ -223,14 +224,6 @@ def cross_validate(
 
 # --------------------------------------------------------------------------- leave one lab out
 
-#: The per-lab table's scores (each with ``_lo``/``_hi`` 95% bounds in the CSV).
-LAB_METRICS = ["accuracy", "macro_f1_common", "balanced_accuracy"]
-LAB_HEADERS = {"lab": "Lab left out", "n_test": "Test cells", "accuracy": "Accuracy (95% CI)",
-               "macro_f1_common": f"Macro-F1, classes >= {SMALL_CLASS} cells (95% CI)",
-               "balanced_accuracy": "Balanced acc. (95% CI)", "common_classes": "Classes in macro-F1",
-               "train_time_min": "Training (min)"}
-
-
 def lab_cells(config: RunConfig, *, prefix: str = "") -> list[Cell]:
     """One cell per lab of ``config.data.sources``: ``without-<lab>`` (``data.leave_out: <lab>``)."""
     data = config.data
@@ -252,50 +245,6 @@ def lab_cells(config: RunConfig, *, prefix: str = "") -> list[Cell]:
             raise LeukoError(f"cell {name}: {exc}") from None
         cells.append(Cell(name, cfg, {"left_out": lab}))
     return cells
-
-
-def lab_scores(predictions: Path, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Accuracy, macro-F1 over the classes with >= ``SMALL_CLASS`` cells and balanced accuracy of one
-    ``predictions.csv``, each with a percentile-bootstrap 95% interval (resampling cells)."""
-    frame = pd.read_csv(predictions)
-    c2i = {c: i for i, c in enumerate(classes)}
-    y = frame["true"].map(c2i).to_numpy(dtype=np.int64)
-    pred = frame["pred"].map(c2i).to_numpy(dtype=np.int64)
-    n, k = y.size, len(classes)
-    support = np.bincount(y, minlength=k)
-    common = np.flatnonzero(support >= SMALL_CLASS)
-    if common.size == 0:  # every class small: use them all, the interval says how little that means
-        common = np.flatnonzero(support > 0)
-    present = support > 0
-
-    def scores(yt: np.ndarray, yp: np.ndarray) -> np.ndarray:
-        """(B, 3): accuracy, macro-F1 over ``common``, balanced accuracy of each row of resampled indices."""
-        b = yt.shape[0]
-        off = (np.arange(b, dtype=np.int64) * k)[:, None]
-        ok = yt == yp
-        kt, kp = (yt + off).ravel(), (yp + off).ravel()
-        n_true = np.bincount(kt, minlength=b * k).reshape(b, k).astype(float)
-        n_pred = np.bincount(kp, minlength=b * k).reshape(b, k).astype(float)
-        tp = np.bincount(kt[ok.ravel()], minlength=b * k).reshape(b, k).astype(float)
-        denom = n_true + n_pred
-        f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-        recall = np.divide(tp, n_true, out=np.full_like(tp, np.nan), where=n_true > 0)
-        recall[:, ~present] = np.nan
-        return np.stack([ok.mean(axis=1), f1[:, common].mean(axis=1), np.nanmean(recall, axis=1)], axis=1)
-
-    point = scores(y[None, :], pred[None, :])[0]
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 4_000_000 // max(n, 1))
-    boot = []
-    for start in range(0, n_bootstrap, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))
-        boot.append(scores(y[idx], pred[idx]))
-    lo, hi = np.percentile(np.concatenate(boot), [2.5, 97.5], axis=0) if boot else (point * np.nan, point * np.nan)
-    out: dict[str, Any] = {"n_test": int(n)}
-    for i, name in enumerate(LAB_METRICS):
-        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = float(point[i]), float(lo[i]), float(hi[i])
-    out["common_classes"] = ", ".join(classes[c] for c in common)
-    return out
 
 
 def _with_ci(row: dict[str, Any], key: str) -> str:
@@ -362,6 +311,82 @@ def leave_one_lab_out(config: RunConfig, out: str | Path, *, echo: Echo = print)
     (out / "lolo.json").write_text(json.dumps({"labs": rows, "summary": summary, "config": config.name}, indent=1))
     plot_compare_bars(frame, LAB_METRICS, out / "lolo.png", label_column="lab", title="Left-out lab")
     return {"labs": rows, "summary": summary, "out": str(out), "table": frame}
+
+
+def _signed(row: dict[str, Any], key: str) -> str:
+    v, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if v is None or math.isnan(v):
+        return ""
+    if lo is None or hi is None or math.isnan(lo):
+        return f"{v:+.4f}"
+    return f"{v:+.4f} ({lo:+.4f} to {hi:+.4f})"
+
+
+def _lab_predictions(out: Path) -> dict[str, Path]:
+    """Lab -> the left-out run's ``predictions.csv`` of a finished leave-one-lab-out folder (``lolo.json``)."""
+    table = out / "lolo.json"
+    if not table.is_file():
+        raise LeukoError(f"{out} is not a finished leave-one-lab-out folder (no lolo.json): run `leuko cv CONFIG --leave-one-lab-out --out {out}`")
+    try:
+        labs = json.loads(table.read_text())["labs"]
+        return {r["lab"]: default_eval_dir(out / r["cell"], None, "test") / "predictions.csv" for r in labs}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LeukoError(f"{table} cannot be read as a leave-one-lab-out table: {exc}") from None
+
+
+def lab_table_against(out: str | Path, baseline: str | Path, classes: list[str], *, n_bootstrap: int = 1000,
+                      echo: Echo = print) -> dict[str, Any]:
+    """This leave-one-lab-out folder minus another, lab by lab on the same cells, with paired 95% intervals.
+
+    Writes ``OUT/vs-<baseline folder name>.{csv,md,json}``: per lab the differences of accuracy, macro-F1
+    over classes >= ``SMALL_CLASS`` and balanced accuracy with a paired bootstrap interval, the cells only
+    one of the two gets right, and the mean over labs (its interval from averaging the labs' draws).
+    Only labs both folders left out are compared; none in common is an error.
+    """
+    out, baseline = Path(out), Path(baseline)
+    if out.resolve() == baseline.resolve():
+        raise LeukoError(f"--against {baseline} is this folder: compare with another recipe's leave-one-lab-out folder")
+    ours, theirs = _lab_predictions(out), _lab_predictions(baseline)
+    labs = [lab for lab in ours if lab in theirs]
+    if not labs:
+        raise LeukoError(f"{out} and {baseline} left out no lab in common ({', '.join(ours)} vs {', '.join(theirs)})")
+    rows, diffs = [], []
+    for i, lab in enumerate(labs):
+        row, d = paired_lab_scores(ours[lab], theirs[lab], classes, n_bootstrap=n_bootstrap, seed=i)
+        rows.append({"lab": lab, **row})
+        diffs.append(d)
+        echo(f"{lab}: accuracy {_signed(row, 'd_accuracy')} against {baseline.name} "
+             f"({row['only_this_right']} cells right only here, {row['only_baseline_right']} only there)")
+    mean = {"lab": "mean", **mean_difference(rows, diffs)}
+    keys = [f"d_{m}" for m in LAB_METRICS]
+    shown = [{"lab": r["lab"], "n_test": str(r["n_test"]), **{k: _signed(r, k) for k in keys},
+              "only_this_right": str(r["only_this_right"]), "only_baseline_right": str(r["only_baseline_right"])}
+             for r in [*rows, mean]]
+    headers = {"lab": "Lab left out", "n_test": "Test cells", "d_accuracy": "Δ accuracy (paired 95% CI)",
+               "d_macro_f1_common": f"Δ macro-F1, classes >= {SMALL_CLASS} (paired 95% CI)",
+               "d_balanced_accuracy": "Δ balanced acc. (paired 95% CI)",
+               "only_this_right": f"Right only in {out.name}", "only_baseline_right": f"Right only in {baseline.name}"}
+    notes = [f"Δ = {out} minus {baseline}, on the same cells of each lab (matched by path)",
+             f"paired percentile bootstrap ({n_bootstrap} resamples of each lab's cells, both models scored on each); "
+             "an interval that excludes 0 is a difference the cells can carry",
+             "mean: unweighted over labs; its interval averages the labs' resamples draw by draw"]
+    stem = out / f"vs-{baseline.name}"
+    text = (f"# {out.name} against {baseline.name}, leave-one-lab-out\n\n"
+            + markdown_table(pd.DataFrame(shown), headers=headers) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    pd.DataFrame([*rows, mean]).to_csv(stem.with_suffix(".csv"), index=False)
+    stem.with_suffix(".json").write_text(json.dumps({"labs": rows, "mean": mean, "this": str(out), "baseline": str(baseline)}, indent=1))
+    return {"labs": rows, "mean": mean, "md": str(stem.with_suffix(".md"))}
+
+
+def _paired_against_first(preds: dict[str, Path], first: dict[str, Path], classes: list[str]) -> dict[str, float]:
+    """``d_accuracy`` and its paired 95% bounds of one grid cell against the first, over the labs both left out."""
+    labs = [lab for lab in preds if lab in first]
+    pairs = [paired_lab_scores(preds[lab], first[lab], classes, seed=i) for i, lab in enumerate(labs)]
+    if not pairs:
+        return {}
+    mean = mean_difference([p[0] for p in pairs], [p[1] for p in pairs])
+    return {k: mean[k] for k in ("d_accuracy", "d_accuracy_lo", "d_accuracy_hi")}
 
 
 # --------------------------------------------------------------------------- comparison grids
@@ -464,6 +489,7 @@ def compare(
     check_plan(out, planned, kind)
     echo(f"{len(cells)} cell(s){f' x {spec.folds} folds' if spec.folds else ''} into {out}")
     rows = []
+    lab_preds: list[dict[str, Path]] = []
     for c in cells:
         if spec.folds:
             fold_rows = [run_cell(fc, out, data_path=data_path, eval_split=spec.eval_split, echo=echo)
@@ -475,16 +501,25 @@ def compare(
             row["n_test"] = sum(r["n_test"] for r in fold_rows)
             rows.append(row)
         elif spec.leave_one_lab_out:
-            lab_rows = run_lab_cells(lab_cells(c.config, prefix=f"{c.name}/"), out, echo=echo)
+            planned_labs = lab_cells(c.config, prefix=f"{c.name}/")
+            lab_rows = run_lab_cells(planned_labs, out, echo=echo)
             s = lab_summary(lab_rows)
             row = {"cell": c.name, **c.changes, **s["mean"], **{f"worst_{m}": v for m, v in s["worst"].items()}}
             row.update({f"accuracy_{r['lab']}": r["accuracy"] for r in lab_rows})
             row["n_test"] = sum(r["n_test"] for r in lab_rows)
+            preds = {r["lab"]: default_eval_dir(_cell_dir(out, lc), None, "test") / "predictions.csv"
+                     for r, lc in zip(lab_rows, planned_labs)}
+            if lab_preds:  # the first cell is the baseline: the others' paired difference on the same cells
+                row.update(_paired_against_first(preds, lab_preds[0], list(c.config.data.classes or [])))
+            lab_preds.append(preds)
             rows.append(row)
         else:
             rows.append(run_cell(c, out, data_path=data_path, eval_split=spec.eval_split, echo=echo))
     table = pd.DataFrame(rows)
     notes = list(spec.notes)
+    if spec.leave_one_lab_out and len(lab_preds) > 1:
+        notes.append(f"d_accuracy (d_accuracy_lo/hi): each cell minus the first ({cells[0].name}) on the same cells, mean over "
+                     "the labs both left out, paired bootstrap 95% interval")
     if spec.leave_one_lab_out:
         notes.append("leave-one-lab-out: scores are unweighted means over the labs left out (worst_*: the lowest lab), "
                      f"macro-F1 over each lab's classes with >= {SMALL_CLASS} cells; per-lab tables: OUT/<cell>/without-<lab>/eval/test")

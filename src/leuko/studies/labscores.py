@@ -1,0 +1,169 @@
+"""Scores of a left-out lab, and the paired difference between two models on the same lab's cells.
+
+One home for how a leave-one-lab-out row is scored (accuracy, macro-F1 over
+the classes with >= ``SMALL_CLASS`` cells, balanced accuracy, each with a
+percentile-bootstrap 95% interval over the test cells), so the table of one
+recipe and the comparison of two read the same numbers.
+
+Why a paired comparison: two recipes tested on every cell of the same lab
+are scored on the *same* cells, so the variation that comes from which cells
+the lab happened to send is shared by both. Two separate 95% intervals
+overlap long before a difference is noise (PBC left out, 3,635 cells: each
+interval is about +-1.4 points wide); the interval of the *difference*,
+resampling the same cells for both models, is what says whether one recipe
+is ahead. The discordant counts (cells one model gets right and the other
+wrong) are McNemar's, the form a laboratory method comparison reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from leuko.errors import LeukoError
+from leuko.evaluate.metrics import SMALL_CLASS
+
+#: The per-lab table's scores (each with ``_lo``/``_hi`` 95% bounds in the CSV).
+LAB_METRICS = ["accuracy", "macro_f1_common", "balanced_accuracy"]
+LAB_HEADERS = {"lab": "Lab left out", "n_test": "Test cells", "accuracy": "Accuracy (95% CI)",
+               "macro_f1_common": f"Macro-F1, classes >= {SMALL_CLASS} cells (95% CI)",
+               "balanced_accuracy": "Balanced acc. (95% CI)", "common_classes": "Classes in macro-F1",
+               "train_time_min": "Training (min)"}
+
+
+class LabScorer:
+    """The three scores of one lab's cells, for the cells as tested and for bootstrap resamples of them.
+
+    ``y`` fixes which classes the macro-F1 averages (those with >= ``SMALL_CLASS`` cells; all present
+    ones when every class is small) and which the balanced accuracy averages (those present), so every
+    prediction vector scored by one scorer is averaged over the same classes: what a paired difference needs.
+    """
+
+    def __init__(self, y: np.ndarray, n_classes: int) -> None:
+        self.y = np.asarray(y, dtype=np.int64)
+        self.k = n_classes
+        support = np.bincount(self.y, minlength=n_classes)
+        common = np.flatnonzero(support >= SMALL_CLASS)
+        self.common = common if common.size else np.flatnonzero(support > 0)
+        self.present = support > 0
+
+    def score(self, pred: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+        """(B, 3) accuracy, macro-F1 over the common classes, balanced accuracy; ``idx`` (B, n) resampled
+        cell indices, or None for the cells as they are (B = 1)."""
+        pred = np.asarray(pred, dtype=np.int64)
+        yt, yp = (self.y[None, :], pred[None, :]) if idx is None else (self.y[idx], pred[idx])
+        b, k = yt.shape[0], self.k
+        off = (np.arange(b, dtype=np.int64) * k)[:, None]
+        ok = yt == yp
+        kt, kp = (yt + off).ravel(), (yp + off).ravel()
+        n_true = np.bincount(kt, minlength=b * k).reshape(b, k).astype(float)
+        n_pred = np.bincount(kp, minlength=b * k).reshape(b, k).astype(float)
+        tp = np.bincount(kt[ok.ravel()], minlength=b * k).reshape(b, k).astype(float)
+        denom = n_true + n_pred
+        f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+        recall = np.divide(tp, n_true, out=np.full_like(tp, np.nan), where=n_true > 0)
+        recall[:, ~self.present] = np.nan
+        return np.stack([ok.mean(axis=1), f1[:, self.common].mean(axis=1), np.nanmean(recall, axis=1)], axis=1)
+
+    def resamples(self, n_bootstrap: int, seed: int) -> list[np.ndarray]:
+        """Bootstrap index draws in chunks of at most ~4M cells (memory), the same for every model scored."""
+        n = self.y.size
+        rng = np.random.default_rng(seed)
+        chunk = max(1, 4_000_000 // max(n, 1))
+        return [rng.integers(0, n, size=(min(chunk, n_bootstrap - s), n)) for s in range(0, n_bootstrap, chunk)]
+
+
+def _read_predictions(path: Path, c2i: dict[str, int]) -> pd.DataFrame:
+    if not path.is_file():
+        raise LeukoError(f"no predictions at {path}: evaluate that run first")
+    frame = pd.read_csv(path)
+    missing = {"true", "pred"} - set(frame.columns)
+    if missing:
+        raise LeukoError(f"{path} has no {', '.join(sorted(missing))} column: not a leuko predictions.csv")
+    unknown = sorted((set(frame["true"]) | set(frame["pred"])) - set(c2i))
+    if unknown:
+        raise LeukoError(f"{path} has labels {', '.join(map(str, unknown))} outside the classes {', '.join(c2i)}")
+    return frame
+
+
+def lab_scores(predictions: Path, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the classes with >= ``SMALL_CLASS`` cells and balanced accuracy of one
+    ``predictions.csv``, each with a percentile-bootstrap 95% interval (resampling cells)."""
+    c2i = {c: i for i, c in enumerate(classes)}
+    frame = _read_predictions(Path(predictions), c2i)
+    scorer = LabScorer(frame["true"].map(c2i).to_numpy(), len(classes))
+    pred = frame["pred"].map(c2i).to_numpy()
+    point = scorer.score(pred)[0]
+    boot = [scorer.score(pred, idx) for idx in scorer.resamples(n_bootstrap, seed)]
+    lo, hi = np.percentile(np.concatenate(boot), [2.5, 97.5], axis=0) if boot else (point * np.nan, point * np.nan)
+    out: dict[str, Any] = {"n_test": int(scorer.y.size)}
+    for i, name in enumerate(LAB_METRICS):
+        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = float(point[i]), float(lo[i]), float(hi[i])
+    out["common_classes"] = ", ".join(classes[c] for c in scorer.common)
+    return out
+
+
+def paired_lab_scores(
+    predictions: Path,
+    baseline: Path,
+    classes: list[str],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The difference ``predictions - baseline`` of the three scores on the same cells, with a paired
+    percentile-bootstrap 95% interval (each resample scores both models on the same cells).
+
+    The two files must hold the same cells (matched by ``path``, with the same true label): a paired
+    comparison of different cells would be no comparison. Returns the row and the (B, 3) bootstrap
+    differences, so a mean over labs can be bounded by averaging labs draw by draw.
+    """
+    c2i = {c: i for i, c in enumerate(classes)}
+    a = _read_predictions(Path(predictions), c2i)
+    b = _read_predictions(Path(baseline), c2i)
+    for name, frame in (("predictions", a), ("baseline", b)):
+        if "path" not in frame.columns or frame["path"].duplicated().any():
+            raise LeukoError(f"{name} file {Path(predictions if name == 'predictions' else baseline)}: "
+                             "a paired comparison needs one row per cell path")
+    if set(a["path"]) != set(b["path"]):
+        common = len(set(a["path"]) & set(b["path"]))
+        raise LeukoError(f"{predictions} and {baseline} were not tested on the same cells ({len(a)} and {len(b)}, "
+                         f"{common} in common): a paired comparison needs the same test cells")
+    b = b.set_index("path").loc[a["path"]].reset_index()
+    if not (a["true"].to_numpy() == b["true"].to_numpy()).all():
+        raise LeukoError(f"{predictions} and {baseline} give some cells different true labels: "
+                         "not the same test set (a different class map?)")
+    scorer = LabScorer(a["true"].map(c2i).to_numpy(), len(classes))
+    pa, pb = a["pred"].map(c2i).to_numpy(), b["pred"].map(c2i).to_numpy()
+    point = scorer.score(pa)[0] - scorer.score(pb)[0]
+    draws = scorer.resamples(n_bootstrap, seed)
+    diffs = np.concatenate([scorer.score(pa, idx) - scorer.score(pb, idx) for idx in draws]) if draws else np.zeros((0, 3))
+    lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0) if len(diffs) else (point * np.nan, point * np.nan)
+    right_a, right_b = pa == scorer.y, pb == scorer.y
+    row: dict[str, Any] = {"n_test": int(scorer.y.size),
+                           "only_this_right": int((right_a & ~right_b).sum()),
+                           "only_baseline_right": int((~right_a & right_b).sum())}
+    for i, name in enumerate(LAB_METRICS):
+        row[f"d_{name}"], row[f"d_{name}_lo"], row[f"d_{name}_hi"] = float(point[i]), float(lo[i]), float(hi[i])
+    return row, diffs
+
+
+def mean_difference(rows: list[dict[str, Any]], diffs: list[np.ndarray]) -> dict[str, Any]:
+    """The unweighted mean over labs of each difference, bounded by averaging the labs' bootstrap draws
+    draw by draw (labs are resampled independently, so draw ``i`` of each lab is one resample of the table)."""
+    out: dict[str, Any] = {"n_test": int(sum(r["n_test"] for r in rows)),
+                           "only_this_right": int(sum(r["only_this_right"] for r in rows)),
+                           "only_baseline_right": int(sum(r["only_baseline_right"] for r in rows))}
+    n = min((len(d) for d in diffs), default=0)
+    stacked = np.mean([d[:n] for d in diffs], axis=0) if n else np.zeros((0, 3))
+    for i, name in enumerate(LAB_METRICS):
+        out[f"d_{name}"] = float(np.mean([r[f"d_{name}"] for r in rows]))
+        lo, hi = np.percentile(stacked[:, i], [2.5, 97.5]) if n else (np.nan, np.nan)
+        out[f"d_{name}_lo"], out[f"d_{name}_hi"] = float(lo), float(hi)
+    return out
+
+
+__all__ = ["LAB_HEADERS", "LAB_METRICS", "LabScorer", "lab_scores", "mean_difference", "paired_lab_scores"]
