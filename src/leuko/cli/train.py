@@ -76,8 +76,10 @@ def cv_cmd(
         if data is not None:
             raise LeukoError("--leave-one-lab-out reads the paths of data.sources: drop --data")
         target = out or Path("runs") / f"{config.stem}-lolo"
-        if against is not None and not (against / "lolo.json").is_file():  # before hours of training, not after
-            raise LeukoError(f"--against {against}: not a finished leave-one-lab-out folder (no lolo.json)")
+        if against is not None:  # read before hours of training, not after
+            from leuko.studies.grid import lab_predictions
+
+            lab_predictions(against)
         res = lolo(cfg, target, echo=console.print)
         cols = ["lab", "n_test", "accuracy", "macro_f1_common", "balanced_accuracy", "train_time_min"]
         summary = [{"lab": k, **v} for k, v in res["summary"].items()]

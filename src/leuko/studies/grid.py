@@ -68,7 +68,7 @@ from leuko.run.config import (
     read_yaml_mapping,
 )
 from leuko.run.folder import RunFolder
-from leuko.studies.labscores import LAB_HEADERS, LAB_METRICS, lab_scores, mean_difference, paired_lab_scores
+from leuko.studies.labscores import LAB_HEADERS, LAB_METRICS, lab_scores, paired_labs
 
 Echo = Callable[[str], None]
 
@@ -247,14 +247,16 @@ def lab_cells(config: RunConfig, *, prefix: str = "") -> list[Cell]:
     return cells
 
 
-def _with_ci(row: dict[str, Any], key: str) -> str:
+def _with_ci(row: dict[str, Any], key: str, *, signed: bool = False) -> str:
+    """``v (lo-hi)``, or ``+v (+lo to +hi)`` for a difference; blank without a value, no interval without bounds."""
     v = row.get(key)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    fmt = "+.4f" if signed else ".4f"
     if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
-        return f"{v:.4f}"
-    return f"{v:.4f} ({lo:.4f}-{hi:.4f})"
+        return f"{v:{fmt}}"
+    return f"{v:{fmt}} ({lo:{fmt}} to {hi:{fmt}})" if signed else f"{v:.4f} ({lo:.4f}-{hi:.4f})"
 
 
 def lab_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -313,16 +315,7 @@ def leave_one_lab_out(config: RunConfig, out: str | Path, *, echo: Echo = print)
     return {"labs": rows, "summary": summary, "out": str(out), "table": frame}
 
 
-def _signed(row: dict[str, Any], key: str) -> str:
-    v, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
-    if v is None or math.isnan(v):
-        return ""
-    if lo is None or hi is None or math.isnan(lo):
-        return f"{v:+.4f}"
-    return f"{v:+.4f} ({lo:+.4f} to {hi:+.4f})"
-
-
-def _lab_predictions(out: Path) -> dict[str, Path]:
+def lab_predictions(out: Path) -> dict[str, Path]:
     """Lab -> the left-out run's ``predictions.csv`` of a finished leave-one-lab-out folder (``lolo.json``)."""
     table = out / "lolo.json"
     if not table.is_file():
@@ -346,20 +339,16 @@ def lab_table_against(out: str | Path, baseline: str | Path, classes: list[str],
     out, baseline = Path(out), Path(baseline)
     if out.resolve() == baseline.resolve():
         raise LeukoError(f"--against {baseline} is this folder: compare with another recipe's leave-one-lab-out folder")
-    ours, theirs = _lab_predictions(out), _lab_predictions(baseline)
-    labs = [lab for lab in ours if lab in theirs]
-    if not labs:
-        raise LeukoError(f"{out} and {baseline} left out no lab in common ({', '.join(ours)} vs {', '.join(theirs)})")
-    rows, diffs = [], []
-    for i, lab in enumerate(labs):
-        row, d = paired_lab_scores(ours[lab], theirs[lab], classes, n_bootstrap=n_bootstrap, seed=i)
-        rows.append({"lab": lab, **row})
-        diffs.append(d)
-        echo(f"{lab}: accuracy {_signed(row, 'd_accuracy')} against {baseline.name} "
+    ours, theirs = lab_predictions(out), lab_predictions(baseline)
+    try:
+        rows, mean = paired_labs(ours, theirs, classes, n_bootstrap=n_bootstrap)
+    except LeukoError as exc:
+        raise LeukoError(f"{out} against {baseline}: {exc}") from None
+    for row in rows:
+        echo(f"{row['lab']}: accuracy {_with_ci(row, 'd_accuracy', signed=True)} against {baseline.name} "
              f"({row['only_this_right']} cells right only here, {row['only_baseline_right']} only there)")
-    mean = {"lab": "mean", **mean_difference(rows, diffs)}
     keys = [f"d_{m}" for m in LAB_METRICS]
-    shown = [{"lab": r["lab"], "n_test": str(r["n_test"]), **{k: _signed(r, k) for k in keys},
+    shown = [{"lab": r["lab"], "n_test": str(r["n_test"]), **{k: _with_ci(r, k, signed=True) for k in keys},
               "only_this_right": str(r["only_this_right"]), "only_baseline_right": str(r["only_baseline_right"])}
              for r in [*rows, mean]]
     headers = {"lab": "Lab left out", "n_test": "Test cells", "d_accuracy": "Δ accuracy (paired 95% CI)",
@@ -381,11 +370,10 @@ def lab_table_against(out: str | Path, baseline: str | Path, classes: list[str],
 
 def _paired_against_first(preds: dict[str, Path], first: dict[str, Path], classes: list[str]) -> dict[str, float]:
     """``d_accuracy`` and its paired 95% bounds of one grid cell against the first, over the labs both left out."""
-    labs = [lab for lab in preds if lab in first]
-    pairs = [paired_lab_scores(preds[lab], first[lab], classes, seed=i) for i, lab in enumerate(labs)]
-    if not pairs:
+    try:
+        _, mean = paired_labs(preds, first, classes)
+    except LeukoError:  # no lab in common (a cell with other sources): no paired column for it
         return {}
-    mean = mean_difference([p[0] for p in pairs], [p[1] for p in pairs])
     return {k: mean[k] for k in ("d_accuracy", "d_accuracy_lo", "d_accuracy_hi")}
 
 

@@ -124,10 +124,9 @@ def paired_lab_scores(
     c2i = {c: i for i, c in enumerate(classes)}
     a = _read_predictions(Path(predictions), c2i)
     b = _read_predictions(Path(baseline), c2i)
-    for name, frame in (("predictions", a), ("baseline", b)):
+    for path, frame in ((predictions, a), (baseline, b)):
         if "path" not in frame.columns or frame["path"].duplicated().any():
-            raise LeukoError(f"{name} file {Path(predictions if name == 'predictions' else baseline)}: "
-                             "a paired comparison needs one row per cell path")
+            raise LeukoError(f"{path}: a paired comparison needs one row per cell path")
     if set(a["path"]) != set(b["path"]):
         common = len(set(a["path"]) & set(b["path"]))
         raise LeukoError(f"{predictions} and {baseline} were not tested on the same cells ({len(a)} and {len(b)}, "
@@ -166,4 +165,19 @@ def mean_difference(rows: list[dict[str, Any]], diffs: list[np.ndarray]) -> dict
     return out
 
 
-__all__ = ["LAB_HEADERS", "LAB_METRICS", "LabScorer", "lab_scores", "mean_difference", "paired_lab_scores"]
+def paired_labs(ours: dict[str, Path], theirs: dict[str, Path], classes: list[str], *,
+                n_bootstrap: int = 1000) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per lab both left out (lab -> ``predictions.csv``), ``ours - theirs`` paired; and their mean.
+
+    Each lab is resampled with its own seed (its position), so the labs' draws are independent and
+    :func:`mean_difference` may average them draw by draw. No lab in common is an error.
+    """
+    labs = [lab for lab in ours if lab in theirs]
+    if not labs:
+        raise LeukoError(f"no lab left out in both ({', '.join(ours)} vs {', '.join(theirs)})")
+    pairs = [paired_lab_scores(ours[lab], theirs[lab], classes, n_bootstrap=n_bootstrap, seed=i) for i, lab in enumerate(labs)]
+    rows = [{"lab": lab, **row} for lab, (row, _) in zip(labs, pairs)]
+    return rows, {"lab": "mean", **mean_difference(rows, [d for _, d in pairs])}
+
+
+__all__ = ["LAB_HEADERS", "LAB_METRICS", "LabScorer", "lab_scores", "mean_difference", "paired_lab_scores", "paired_labs"]
