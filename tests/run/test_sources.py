@@ -473,3 +473,22 @@ def test_cv_against_another_lolo_folder_writes_the_paired_table(lolo_run: dict, 
     assert "Δ accuracy (paired 95% CI)" in (out / "vs-other-recipe.md").read_text()
     assert call([*lolo_run["argv"], "--against", str(tmp_path / "nowhere")]) == 2
     assert call(["cv", lolo_run["argv"][1], "--against", str(other)]) == 2
+
+
+def test_cv_only_leaves_out_the_labs_named(lolo_run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "seed1"
+    argv = ["cv", lolo_run["argv"][1], "--leave-one-lab-out", "--out", str(out), *lolo_run["argv"][5:]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEUKO_CACHE_DIR", str(lolo_run["base"] / "cache"))
+        mp.setattr("leuko.evaluate.run._figures", lambda *a, **k: None)
+        assert call([*argv, "--only", "delta"]) == 2  # not a lab of the config: refused before training
+        assert not out.exists()
+        assert call([*argv, "--only", "gamma", "--against", str(lolo_run["out"])]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["without-gamma"]  # nothing else trained
+    table = pd.read_csv(out / "lolo.csv")
+    assert list(table["lab"]) == ["gamma", "mean", "worst"] and table["n_test"][0] == 18
+    assert "only gamma of the config's labs (alpha, beta, gamma)" in (out / "lolo.md").read_text()
+    assert json.loads((out / "lolo.json").read_text())["all_labs"] == ["alpha", "beta", "gamma"]
+    vs = pd.read_csv(out / "vs-out.csv").set_index("lab")  # compared on the one lab both left out
+    assert list(vs.index) == ["gamma", "mean"] and vs.loc["gamma", "n_test"] == 18
+    assert call(["cv", lolo_run["argv"][1], "--only", "gamma"]) == 2  # --only without --leave-one-lab-out

@@ -54,6 +54,7 @@ def cv_cmd(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default runs/<config>-cv<K> or runs/<config>-lolo); re-run to resume."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key (repeatable)."),
     against: Path | None = typer.Option(None, "--against", help="With --leave-one-lab-out: another recipe's finished leave-one-lab-out folder; adds the paired difference lab by lab (OUT/vs-<its name>.md)."),
+    only: list[str] = typer.Option([], "--only", help="With --leave-one-lab-out: leave out only this lab (repeatable); the table covers the labs run and says so."),
 ) -> None:
     """Stratified (or group) K-fold cross-validation: a run per fold, a table per fold, mean ± std.
 
@@ -61,7 +62,7 @@ def cv_cmd(
     (accuracy, macro-F1 over classes with >= 10 cells, balanced accuracy, 95% CIs), mean and worst lab.
     With --against OTHER (another leave-one-lab-out folder): this table minus that one on the same
     cells, with paired bootstrap intervals (the two recipes' separate intervals overlap long before
-    a difference is noise).
+    a difference is noise). --only LAB leaves out just that lab (a second seed of the lab that decides).
     """
     from leuko.evaluate.metrics import format_mean_std
     from leuko.run.config import load_config
@@ -80,7 +81,7 @@ def cv_cmd(
             from leuko.studies.grid import lab_predictions
 
             lab_predictions(against)
-        res = lolo(cfg, target, echo=console.print)
+        res = lolo(cfg, target, only=only, echo=console.print)
         cols = ["lab", "n_test", "accuracy", "macro_f1_common", "balanced_accuracy", "train_time_min"]
         summary = [{"lab": k, **v} for k, v in res["summary"].items()]
         console.print(rows_table("leave-one-lab-out", res["labs"] + summary, cols))
@@ -93,8 +94,8 @@ def cv_cmd(
                           f"({vs['mean']['d_accuracy_lo']:+.4f} to {vs['mean']['d_accuracy_hi']:+.4f}) against {against}")
             print_written(vs["md"])
         return
-    if against is not None:
-        raise LeukoError("--against compares leave-one-lab-out tables: add --leave-one-lab-out")
+    if against is not None or only:
+        raise LeukoError(f"{'--against' if against is not None else '--only'} is for leave-one-lab-out tables: add --leave-one-lab-out")
     folds = 5 if folds is None else folds
     target = out or Path("runs") / f"{config.stem}-cv{folds}"
     res = cross_validate(cfg, target, folds, grouped=grouped, data_path=data, echo=console.print)
