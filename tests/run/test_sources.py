@@ -483,7 +483,10 @@ def test_cv_only_leaves_out_the_labs_named(lolo_run: dict, tmp_path: Path) -> No
         mp.setattr("leuko.evaluate.run._figures", lambda *a, **k: None)
         assert call([*argv, "--only", "delta"]) == 2  # not a lab of the config: refused before training
         assert not out.exists()
-        assert call([*argv, "--only", "gamma", "--against", str(lolo_run["out"])]) == 0
+        assert call([*argv, "--only", "gamma"]) == 0
+        assert call([*argv, "--only", "beta", "--against", str(out)]) == 2  # the baseline has no beta row: before training
+        assert not (out / "without-beta").exists()
+        assert call([*argv, "--only", "gamma", "--against", str(lolo_run["out"])]) == 0  # resumes, then compares
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["without-gamma"]  # nothing else trained
     table = pd.read_csv(out / "lolo.csv")
     assert list(table["lab"]) == ["gamma", "mean", "worst"] and table["n_test"][0] == 18

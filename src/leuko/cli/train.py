@@ -80,7 +80,9 @@ def cv_cmd(
         if against is not None:  # read before hours of training, not after
             from leuko.studies.grid import lab_predictions
 
-            lab_predictions(against)
+            missing = sorted(set(only) - set(lab_predictions(against)))
+            if missing:
+                raise LeukoError(f"--against {against} did not leave out {', '.join(missing)}: nothing to compare with --only")
         res = lolo(cfg, target, only=only, echo=console.print)
         cols = ["lab", "n_test", "accuracy", "macro_f1_common", "balanced_accuracy", "train_time_min"]
         summary = [{"lab": k, **v} for k, v in res["summary"].items()]
