@@ -51,6 +51,11 @@ class LeukoClassifier(pl.LightningModule):
         else:
             self.class_weights = None
         self._frozen_for_stage_one = False
+        if config.train.mixstyle > 0:  # training-time only: hooks on the stages, nothing in the state dict
+            from leuko.train.mixstyle import attach_mixstyle
+
+            self.mixstyle, self._mixstyle_hooks = attach_mixstyle(
+                model, config.train.mixstyle, config.train.mixstyle_alpha, config.train.mixstyle_stages)
         self._last_step_time: float | None = None
         self.save_hyperparameters({"config": config.model_dump(mode="json"), "class_names": self.class_names})
 

@@ -52,10 +52,11 @@ def uses_feature_path(config: RunConfig) -> bool:
         and config.model.two_stage_epochs == 0
         and config.train.ema is None
         and config.train.distill_from is None
+        and config.train.mixstyle == 0
     )
     if mode == "on" and not eligible:
         raise LeukoError(
-            "train.fast_features=on needs model.freeze=backbone, data.augment=none, no two-stage, no EMA and no distillation"
+            "train.fast_features=on needs model.freeze=backbone, data.augment=none, no two-stage, no EMA, no distillation and no MixStyle"
         )
     return eligible
 
