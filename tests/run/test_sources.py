@@ -495,3 +495,53 @@ def test_cv_only_leaves_out_the_labs_named(lolo_run: dict, tmp_path: Path) -> No
     vs = pd.read_csv(out / "vs-out.csv").set_index("lab")  # compared on the one lab both left out
     assert list(vs.index) == ["gamma", "mean"] and vs.loc["gamma", "n_test"] == 18
     assert call(["cv", lolo_run["argv"][1], "--only", "gamma"]) == 2  # --only without --leave-one-lab-out
+
+
+def test_seeds_of_a_recipe_are_averaged_and_widen_its_interval(tmp_path: Path) -> None:
+    from leuko.studies.labscores import paired_lab_scores
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(150, int), np.ones(100, int), np.full(50, 2)]
+    base = np.where(rng.random(y.size) < 0.7, y, (y + 1) % 3)
+    wrong = np.flatnonzero(base != y)
+    lucky, unlucky = base.copy(), base.copy()
+    lucky[wrong[:30]] = y[wrong[:30]]  # seed 1: 30 cells more right than the baseline
+    right = np.flatnonzero(base == y)
+    unlucky[right[:30]] = (y[right[:30]] + 1) % 3  # seed 2: 30 fewer: the seeds disagree by 20 points
+    a1, a2 = _preds(tmp_path / "a1.csv", y, lucky), _preds(tmp_path / "a2.csv", y, unlucky)
+    b = _preds(tmp_path / "b.csv", y, base)
+    one, _ = paired_lab_scores(a1, b, CLASSES, n_bootstrap=300)
+    assert one["d_accuracy_lo"] > 0 and "n_seeds" not in one  # one seed alone: "ahead", with the cells carrying it
+    two, draws = paired_lab_scores([a1, a2], b, CLASSES, n_bootstrap=300)
+    assert two["d_accuracy"] == pytest.approx(0.0, abs=1e-12) and two["n_seeds"] == 2 and two["n_seeds_baseline"] == 1
+    assert two["d_accuracy_lo"] < 0 < two["d_accuracy_hi"]  # with both seeds: no difference, and the seeds widen it
+    assert two["d_accuracy_hi"] - two["d_accuracy_lo"] > 2 * (one["d_accuracy_hi"] - one["d_accuracy_lo"])
+    s = lab_scores([a1, a2], CLASSES, n_bootstrap=300)
+    acc1, acc2 = (lucky == y).mean(), (unlucky == y).mean()
+    assert s["accuracy"] == pytest.approx((acc1 + acc2) / 2) and s["n_seeds"] == 2
+    assert s["accuracy_seed_sd"] == pytest.approx(np.std([acc1, acc2], ddof=1))
+    alone = lab_scores(a1, CLASSES, n_bootstrap=300)
+    assert s["accuracy_hi"] - s["accuracy_lo"] > 1.5 * (alone["accuracy_hi"] - alone["accuracy_lo"])  # seeds resampled too
+    with pytest.raises(LeukoError, match="not tested on the same cells"):
+        lab_scores([a1, _preds(tmp_path / "short.csv", y[:50], base[:50])], CLASSES)
+
+
+def test_cv_seeds_trains_each_lab_again_with_the_next_seeds(lolo_run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "seeds"
+    argv = ["cv", lolo_run["argv"][1], "--leave-one-lab-out", "--out", str(out), *lolo_run["argv"][5:]]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEUKO_CACHE_DIR", str(lolo_run["base"] / "cache"))
+        mp.setattr("leuko.evaluate.run._figures", lambda *a, **k: None)
+        assert call([*argv, "--only", "gamma", "--seeds", "0"]) == 2
+        assert call([*argv, "--only", "gamma", "--seeds", "2", "--against", str(lolo_run["out"])]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["without-gamma", "without-gamma-seed1"]
+    assert yaml.safe_load((out / "without-gamma-seed1" / "config.yaml").read_text())["train"]["seed"] == 1
+    row = json.loads((out / "lolo.json").read_text())["labs"][0]
+    assert row["cells"] == ["without-gamma", "without-gamma-seed1"] and row["n_seeds"] == 2
+    accs = [pd.read_csv(out / c / "eval" / "test" / "predictions.csv").eval("true == pred").mean() for c in row["cells"]]
+    assert row["accuracy"] == pytest.approx(np.mean(accs))
+    md = (out / "lolo.md").read_text()
+    assert "seed sd" in md.lower() and "the mean of 2 runs (train.seed 0 to 1)" in md
+    vs = pd.read_csv(out / "vs-out.csv").set_index("lab")
+    assert vs.loc["gamma", "n_seeds"] == 2 and vs.loc["gamma", "n_seeds_baseline"] == 1
+    assert call(["cv", lolo_run["argv"][1], "--seeds", "2"]) == 2  # --seeds without --leave-one-lab-out

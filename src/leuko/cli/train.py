@@ -55,6 +55,7 @@ def cv_cmd(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key (repeatable)."),
     against: Path | None = typer.Option(None, "--against", help="With --leave-one-lab-out: another recipe's finished leave-one-lab-out folder; adds the paired difference lab by lab (OUT/vs-<its name>.md)."),
     only: list[str] = typer.Option([], "--only", help="With --leave-one-lab-out: leave out only this lab (repeatable); the table covers the labs run and says so."),
+    seeds: int = typer.Option(1, "--seeds", help="With --leave-one-lab-out: train each lab's run this many times (train.seed, +1, ...); rows are their mean, CIs span seeds and cells."),
 ) -> None:
     """Stratified (or group) K-fold cross-validation: a run per fold, a table per fold, mean ± std.
 
@@ -62,7 +63,8 @@ def cv_cmd(
     (accuracy, macro-F1 over classes with >= 10 cells, balanced accuracy, 95% CIs), mean and worst lab.
     With --against OTHER (another leave-one-lab-out folder): this table minus that one on the same
     cells, with paired bootstrap intervals (the two recipes' separate intervals overlap long before
-    a difference is noise). --only LAB leaves out just that lab (a second seed of the lab that decides).
+    a difference is noise). --only LAB leaves out just that lab; --seeds N trains each lab's run N
+    times (on a lab unlike the training labs, two seeds can differ by more than two recipes).
     """
     from leuko.evaluate.metrics import format_mean_std
     from leuko.run.config import load_config
@@ -83,7 +85,7 @@ def cv_cmd(
             missing = sorted(set(only) - set(lab_predictions(against)))
             if missing:
                 raise LeukoError(f"--against {against} did not leave out {', '.join(missing)}: nothing to compare with --only")
-        res = lolo(cfg, target, only=only, echo=console.print)
+        res = lolo(cfg, target, only=only, seeds=seeds, echo=console.print)
         cols = ["lab", "n_test", "accuracy", "macro_f1_common", "balanced_accuracy", "train_time_min"]
         summary = [{"lab": k, **v} for k, v in res["summary"].items()]
         console.print(rows_table("leave-one-lab-out", res["labs"] + summary, cols))
@@ -96,8 +98,9 @@ def cv_cmd(
                           f"({vs['mean']['d_accuracy_lo']:+.4f} to {vs['mean']['d_accuracy_hi']:+.4f}) against {against}")
             print_written(vs["md"])
         return
-    if against is not None or only:
-        raise LeukoError(f"{'--against' if against is not None else '--only'} is for leave-one-lab-out tables: add --leave-one-lab-out")
+    if against is not None or only or seeds != 1:
+        flag = "--against" if against is not None else "--only" if only else "--seeds"
+        raise LeukoError(f"{flag} is for leave-one-lab-out tables: add --leave-one-lab-out")
     folds = 5 if folds is None else folds
     target = out or Path("runs") / f"{config.stem}-cv{folds}"
     res = cross_validate(cfg, target, folds, grouped=grouped, data_path=data, echo=console.print)

@@ -224,8 +224,14 @@ def cross_validate(
 
 # --------------------------------------------------------------------------- leave one lab out
 
-def lab_cells(config: RunConfig, *, prefix: str = "") -> list[Cell]:
-    """One cell per lab of ``config.data.sources``: ``without-<lab>`` (``data.leave_out: <lab>``)."""
+def lab_cells(config: RunConfig, *, prefix: str = "", seeds: int = 1) -> list[Cell]:
+    """One cell per lab of ``config.data.sources``: ``without-<lab>`` (``data.leave_out: <lab>``).
+
+    ``seeds`` > 1 adds ``without-<lab>-seed<k>`` for k = 1 .. seeds-1, trained with ``train.seed + k``
+    (the first keeps its name, so a folder of one seed grows into one of several).
+    """
+    if seeds < 1:
+        raise LeukoError(f"--seeds must be at least 1; got {seeds}")
     data = config.data
     if not data.sources:
         raise LeukoError("leave-one-lab-out needs a config with data.sources (several labs)")
@@ -238,12 +244,16 @@ def lab_cells(config: RunConfig, *, prefix: str = "") -> list[Cell]:
     base = config.model_dump(mode="json")
     cells = []
     for lab in testable:
-        name = f"{prefix}without-{lab}"
-        try:
-            cfg = config_from_dict(merge_config(base, {"data": {"leave_out": lab}}))
-        except LeukoError as exc:
-            raise LeukoError(f"cell {name}: {exc}") from None
-        cells.append(Cell(name, cfg, {"left_out": lab}))
+        for k in range(seeds):
+            name = f"{prefix}without-{lab}" + (f"-seed{k}" if k else "")
+            change: dict[str, Any] = {"data": {"leave_out": lab}}
+            if k:
+                change["train"] = {"seed": config.train.seed + k}
+            try:
+                cfg = config_from_dict(merge_config(base, change))
+            except LeukoError as exc:
+                raise LeukoError(f"cell {name}: {exc}") from None
+            cells.append(Cell(name, cfg, {"left_out": lab} if not k else {"left_out": lab, "seed": cfg.train.seed}))
     return cells
 
 
@@ -268,31 +278,42 @@ def lab_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def run_lab_cells(cells: list[Cell], out: Path, *, echo: Echo = print) -> list[dict[str, Any]]:
-    """Train and evaluate each ``without-<lab>`` cell (resumably); one row per lab with 95% CIs."""
-    rows = []
+    """Train and evaluate each ``without-<lab>`` cell (resumably); one row per lab with 95% CIs.
+
+    A lab with several seeds' cells gets one row: their mean, an interval over cells and seeds, the
+    seeds' spread of accuracy, and the mean training time of one run.
+    """
+    by_lab: dict[str, list[tuple[Cell, dict[str, Any]]]] = {}
     for c in cells:
-        base = run_cell(c, out, echo=echo)
-        lab = c.changes["left_out"]
-        preds = default_eval_dir(_cell_dir(out, c), None, "test") / "predictions.csv"
-        row = {"lab": lab, "cell": c.name, **lab_scores(preds, list(c.config.data.classes or [])),
-               "macro_f1": base["f1"], "epochs": base["epochs"], "train_time_min": base["train_time_min"]}
+        by_lab.setdefault(c.changes["left_out"], []).append((c, run_cell(c, out, echo=echo)))
+    rows = []
+    for lab, done in by_lab.items():
+        preds = [default_eval_dir(_cell_dir(out, c), None, "test") / "predictions.csv" for c, _ in done]
+        bases = [b for _, b in done]
+        row = {"lab": lab, "cell": done[0][0].name, "cells": [c.name for c, _ in done],
+               **lab_scores(preds, list(done[0][0].config.data.classes or [])),
+               "macro_f1": float(np.mean([b["f1"] for b in bases])), "epochs": bases[0]["epochs"],
+               "train_time_min": float(np.mean([b["train_time_min"] for b in bases]))}
+        spread = f", {row['n_seeds']} seeds (accuracy sd {row['accuracy_seed_sd']:.4f})" if "n_seeds" in row else ""
         echo(f"left out {lab}: {row['n_test']} cells, accuracy {_with_ci(row, 'accuracy')}, "
-             f"macro-F1 (classes >= {SMALL_CLASS}) {_with_ci(row, 'macro_f1_common')}")
+             f"macro-F1 (classes >= {SMALL_CLASS}) {_with_ci(row, 'macro_f1_common')}{spread}")
         rows.append(row)
     return rows
 
 
 def leave_one_lab_out(config: RunConfig, out: str | Path, *, only: list[str] | tuple[str, ...] = (),
-                      echo: Echo = print) -> dict[str, Any]:
+                      seeds: int = 1, echo: Echo = print) -> dict[str, Any]:
     """Train once per lab left out, test on all of it: ``OUT/without-<lab>/`` and ``OUT/lolo.{csv,md,json,png}``.
 
     ``only`` runs just those labs' cells (a second seed of the one lab that decides, say); the table then
     lists, and its mean and worst cover, only those labs, and says so. A later run without ``only`` into
-    the same folder resumes them and adds the rest.
+    the same folder resumes them and adds the rest. ``seeds`` > 1 trains each lab's run that many
+    times (``train.seed``, +1, ...): each row is then their mean, its interval resamples seeds as well as
+    cells, and a column gives the seeds' spread (on a lab unlike the training labs it is points).
     """
     out = Path(out)
-    cells = lab_cells(config)
-    every = [c.changes["left_out"] for c in cells]
+    cells = lab_cells(config, seeds=seeds)
+    every = list(dict.fromkeys(c.changes["left_out"] for c in cells))
     if only:
         unknown = sorted(set(only) - set(every))
         if unknown:
@@ -313,6 +334,10 @@ def leave_one_lab_out(config: RunConfig, out: str | Path, *, only: list[str] | t
     shown += [{"lab": k, "n_test": "", **{m: f"{v[m]:.4f}" for m in LAB_METRICS}, "common_classes": "",
                "train_time_min": minutes(v.get("train_time_min"))} for k, v in summary.items()]
     cols = ["lab", "n_test", *LAB_METRICS, "common_classes", "train_time_min"]
+    if seeds > 1:
+        for r, row in zip(shown, rows):
+            r["accuracy_seed_sd"] = f"{row['accuracy_seed_sd']:.4f}"
+        cols.insert(3, "accuracy_seed_sd")
     title = f"Leave-one-lab-out: {config.name or config.model.name}"
     notes = [
         ("each row: trained and validated on the other labs (train/val split within each source), "
@@ -320,6 +345,10 @@ def leave_one_lab_out(config: RunConfig, out: str | Path, *, only: list[str] | t
         f"macro-F1 over the lab's classes with >= {SMALL_CLASS} cells; balanced accuracy: mean recall over the classes it has",
         "95% CIs: percentile bootstrap over the test cells (1000 resamples); mean: unweighted over labs; worst: the lowest lab",
     ]
+    if seeds > 1:
+        notes.append(f"each row: the mean of {seeds} runs (train.seed {config.train.seed} to {config.train.seed + seeds - 1}); "
+                     "its CI resamples the seeds as well as the cells; seed sd: the spread of accuracy between them; "
+                     "training: minutes per run")
     run = [r["lab"] for r in rows]
     if run != every:
         notes.append(f"only {', '.join(run)} of the config's labs ({', '.join(every)}) were left out: "
@@ -332,14 +361,15 @@ def leave_one_lab_out(config: RunConfig, out: str | Path, *, only: list[str] | t
     return {"labs": rows, "summary": summary, "out": str(out), "table": frame}
 
 
-def lab_predictions(out: Path) -> dict[str, Path]:
-    """Lab -> the left-out run's ``predictions.csv`` of a finished leave-one-lab-out folder (``lolo.json``)."""
+def lab_predictions(out: Path) -> dict[str, list[Path]]:
+    """Lab -> the left-out runs' ``predictions.csv`` (one per seed) of a finished leave-one-lab-out folder (``lolo.json``)."""
     table = out / "lolo.json"
     if not table.is_file():
         raise LeukoError(f"{out} is not a finished leave-one-lab-out folder (no lolo.json): run `leuko cv CONFIG --leave-one-lab-out --out {out}`")
     try:
         labs = json.loads(table.read_text())["labs"]
-        return {r["lab"]: default_eval_dir(out / r["cell"], None, "test") / "predictions.csv" for r in labs}
+        return {r["lab"]: [default_eval_dir(out / c, None, "test") / "predictions.csv" for c in r.get("cells", [r["cell"]])]
+                for r in labs}
     except (ValueError, KeyError, TypeError) as exc:
         raise LeukoError(f"{table} cannot be read as a leave-one-lab-out table: {exc}") from None
 
@@ -385,7 +415,7 @@ def lab_table_against(out: str | Path, baseline: str | Path, classes: list[str],
     return {"labs": rows, "mean": mean, "md": str(stem.with_suffix(".md"))}
 
 
-def _paired_against_first(preds: dict[str, Path], first: dict[str, Path], classes: list[str]) -> dict[str, float]:
+def _paired_against_first(preds: dict[str, list[Path]], first: dict[str, list[Path]], classes: list[str]) -> dict[str, float]:
     """``d_accuracy`` and its paired 95% bounds of one grid cell against the first, over the labs both left out."""
     try:
         _, mean = paired_labs(preds, first, classes)
@@ -494,7 +524,7 @@ def compare(
     check_plan(out, planned, kind)
     echo(f"{len(cells)} cell(s){f' x {spec.folds} folds' if spec.folds else ''} into {out}")
     rows = []
-    lab_preds: list[dict[str, Path]] = []
+    lab_preds: list[dict[str, list[Path]]] = []
     for c in cells:
         if spec.folds:
             fold_rows = [run_cell(fc, out, data_path=data_path, eval_split=spec.eval_split, echo=echo)
@@ -512,8 +542,8 @@ def compare(
             row = {"cell": c.name, **c.changes, **s["mean"], **{f"worst_{m}": v for m, v in s["worst"].items()}}
             row.update({f"accuracy_{r['lab']}": r["accuracy"] for r in lab_rows})
             row["n_test"] = sum(r["n_test"] for r in lab_rows)
-            preds = {r["lab"]: default_eval_dir(_cell_dir(out, lc), None, "test") / "predictions.csv"
-                     for r, lc in zip(lab_rows, planned_labs)}
+            preds = {r["lab"]: [default_eval_dir(out / name, None, "test") / "predictions.csv" for name in r["cells"]]
+                     for r in lab_rows}
             if lab_preds:  # the first cell is the baseline: the others' paired difference on the same cells
                 row.update(_paired_against_first(preds, lab_preds[0], list(c.config.data.classes or [])))
             lab_preds.append(preds)

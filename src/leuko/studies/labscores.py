@@ -31,7 +31,7 @@ LAB_METRICS = ["accuracy", "macro_f1_common", "balanced_accuracy"]
 LAB_HEADERS = {"lab": "Lab left out", "n_test": "Test cells", "accuracy": "Accuracy (95% CI)",
                "macro_f1_common": f"Macro-F1, classes >= {SMALL_CLASS} cells (95% CI)",
                "balanced_accuracy": "Balanced acc. (95% CI)", "common_classes": "Classes in macro-F1",
-               "train_time_min": "Training (min)"}
+               "train_time_min": "Training (min)", "accuracy_seed_sd": "Accuracy seed sd"}
 
 
 class LabScorer:
@@ -89,26 +89,81 @@ def _read_predictions(path: Path, c2i: dict[str, int]) -> pd.DataFrame:
     return frame
 
 
-def lab_scores(predictions: Path, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Accuracy, macro-F1 over the classes with >= ``SMALL_CLASS`` cells and balanced accuracy of one
-    ``predictions.csv``, each with a percentile-bootstrap 95% interval (resampling cells)."""
+Predictions = Path | list[Path] | tuple[Path, ...]
+"""One model's ``predictions.csv``, or several: the same recipe trained with different seeds (replicates)."""
+
+
+def _as_list(predictions: Predictions) -> list[Path]:
+    paths = [Path(p) for p in (predictions if isinstance(predictions, (list, tuple)) else [predictions])]
+    if not paths:
+        raise LeukoError("no predictions given")
+    return paths
+
+
+def _aligned(paths: list[Path], classes: list[str]) -> tuple[LabScorer, list[np.ndarray]]:
+    """A scorer of the first file's cells and every file's predictions in that cell order.
+
+    Several files (two recipes, or a recipe's seeds) must hold the same cells (matched by ``path``,
+    with the same true label): comparing or averaging over different cells would be neither.
+    """
     c2i = {c: i for i, c in enumerate(classes)}
-    frame = _read_predictions(Path(predictions), c2i)
-    scorer = LabScorer(frame["true"].map(c2i).to_numpy(), len(classes))
-    pred = frame["pred"].map(c2i).to_numpy()
-    point = scorer.score(pred)[0]
-    boot = [scorer.score(pred, idx) for idx in scorer.resamples(n_bootstrap, seed)]
+    frames = [_read_predictions(p, c2i) for p in paths]
+    first = frames[0]
+    if len(frames) > 1:
+        for path, frame in zip(paths, frames):
+            if "path" not in frame.columns or frame["path"].duplicated().any():
+                raise LeukoError(f"{path}: a paired comparison needs one row per cell path")
+        for path, frame in zip(paths[1:], frames[1:]):
+            if set(frame["path"]) != set(first["path"]):
+                common = len(set(frame["path"]) & set(first["path"]))
+                raise LeukoError(f"{paths[0]} and {path} were not tested on the same cells ({len(first)} and {len(frame)}, "
+                                 f"{common} in common): a paired comparison needs the same test cells")
+        frames = [first] + [f.set_index("path").loc[first["path"]].reset_index() for f in frames[1:]]
+        for path, frame in zip(paths[1:], frames[1:]):
+            if not (first["true"].to_numpy() == frame["true"].to_numpy()).all():
+                raise LeukoError(f"{paths[0]} and {path} give some cells different true labels: "
+                                 "not the same test set (a different class map?)")
+    scorer = LabScorer(first["true"].map(c2i).to_numpy(), len(classes))
+    return scorer, [f["pred"].map(c2i).to_numpy() for f in frames]
+
+
+def _seed_mean(scorer: LabScorer, preds: list[np.ndarray], idx: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """(B, 3): each draw's scores averaged over the replicates, the replicates themselves resampled
+    (with replacement) when there are several, so a recipe's interval also spans its training seeds."""
+    scores = np.stack([scorer.score(p, idx) for p in preds])  # (R, B, 3)
+    if len(preds) == 1 or idx is None:
+        return scores.mean(axis=0)
+    r, b = scores.shape[0], scores.shape[1]
+    pick = rng.integers(0, r, size=(b, r))
+    return scores[pick, np.arange(b)[:, None], :].mean(axis=1)
+
+
+def lab_scores(predictions: Predictions, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the classes with >= ``SMALL_CLASS`` cells and balanced accuracy of one
+    ``predictions.csv``, each with a percentile-bootstrap 95% interval (resampling cells).
+
+    Several files (one recipe's seeds, on the same cells): each score is their mean, the interval resamples
+    cells and seeds, and ``accuracy_seed_sd`` is the spread of accuracy between seeds (``n_seeds`` of them).
+    """
+    paths = _as_list(predictions)
+    scorer, preds = _aligned(paths, classes)
+    rng = np.random.default_rng(seed + 7919)
+    point = _seed_mean(scorer, preds, None, rng)[0]
+    boot = [_seed_mean(scorer, preds, idx, rng) for idx in scorer.resamples(n_bootstrap, seed)]
     lo, hi = np.percentile(np.concatenate(boot), [2.5, 97.5], axis=0) if boot else (point * np.nan, point * np.nan)
     out: dict[str, Any] = {"n_test": int(scorer.y.size)}
     for i, name in enumerate(LAB_METRICS):
         out[name], out[f"{name}_lo"], out[f"{name}_hi"] = float(point[i]), float(lo[i]), float(hi[i])
     out["common_classes"] = ", ".join(classes[c] for c in scorer.common)
+    if len(preds) > 1:
+        out["n_seeds"] = len(preds)
+        out["accuracy_seed_sd"] = float(np.std([float((p == scorer.y).mean()) for p in preds], ddof=1))
     return out
 
 
 def paired_lab_scores(
-    predictions: Path,
-    baseline: Path,
+    predictions: Predictions,
+    baseline: Predictions,
     classes: list[str],
     *,
     n_bootstrap: int = 1000,
@@ -117,36 +172,31 @@ def paired_lab_scores(
     """The difference ``predictions - baseline`` of the three scores on the same cells, with a paired
     percentile-bootstrap 95% interval (each resample scores both models on the same cells).
 
-    The two files must hold the same cells (matched by ``path``, with the same true label): a paired
-    comparison of different cells would be no comparison. Returns the row and the (B, 3) bootstrap
-    differences, so a mean over labs can be bounded by averaging labs draw by draw.
+    The files must hold the same cells (matched by ``path``, with the same true label): a paired
+    comparison of different cells would be no comparison. Either side may be several files, one recipe
+    trained with different seeds: its scores are their mean, and each draw also resamples each side's
+    seeds, because on a lab the recipe never saw two seeds can differ by more than two recipes do.
+    The discordant counts are then per-cell majorities over seeds. Returns the row and the (B, 3)
+    bootstrap differences, so a mean over labs can be bounded by averaging labs draw by draw.
     """
-    c2i = {c: i for i, c in enumerate(classes)}
-    a = _read_predictions(Path(predictions), c2i)
-    b = _read_predictions(Path(baseline), c2i)
-    for path, frame in ((predictions, a), (baseline, b)):
-        if "path" not in frame.columns or frame["path"].duplicated().any():
-            raise LeukoError(f"{path}: a paired comparison needs one row per cell path")
-    if set(a["path"]) != set(b["path"]):
-        common = len(set(a["path"]) & set(b["path"]))
-        raise LeukoError(f"{predictions} and {baseline} were not tested on the same cells ({len(a)} and {len(b)}, "
-                         f"{common} in common): a paired comparison needs the same test cells")
-    b = b.set_index("path").loc[a["path"]].reset_index()
-    if not (a["true"].to_numpy() == b["true"].to_numpy()).all():
-        raise LeukoError(f"{predictions} and {baseline} give some cells different true labels: "
-                         "not the same test set (a different class map?)")
-    scorer = LabScorer(a["true"].map(c2i).to_numpy(), len(classes))
-    pa, pb = a["pred"].map(c2i).to_numpy(), b["pred"].map(c2i).to_numpy()
-    point = scorer.score(pa)[0] - scorer.score(pb)[0]
+    ours, theirs = _as_list(predictions), _as_list(baseline)
+    scorer, preds = _aligned([*ours, *theirs], classes)
+    pa, pb = preds[:len(ours)], preds[len(ours):]
+    rng = np.random.default_rng(seed + 7919)
+    point = _seed_mean(scorer, pa, None, rng)[0] - _seed_mean(scorer, pb, None, rng)[0]
     draws = scorer.resamples(n_bootstrap, seed)
-    diffs = np.concatenate([scorer.score(pa, idx) - scorer.score(pb, idx) for idx in draws]) if draws else np.zeros((0, 3))
+    diffs = (np.concatenate([_seed_mean(scorer, pa, idx, rng) - _seed_mean(scorer, pb, idx, rng) for idx in draws])
+             if draws else np.zeros((0, 3)))
     lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0) if len(diffs) else (point * np.nan, point * np.nan)
-    right_a, right_b = pa == scorer.y, pb == scorer.y
+    right_a = np.mean([p == scorer.y for p in pa], axis=0) > 0.5
+    right_b = np.mean([p == scorer.y for p in pb], axis=0) > 0.5
     row: dict[str, Any] = {"n_test": int(scorer.y.size),
                            "only_this_right": int((right_a & ~right_b).sum()),
                            "only_baseline_right": int((~right_a & right_b).sum())}
     for i, name in enumerate(LAB_METRICS):
         row[f"d_{name}"], row[f"d_{name}_lo"], row[f"d_{name}_hi"] = float(point[i]), float(lo[i]), float(hi[i])
+    if len(pa) > 1 or len(pb) > 1:
+        row["n_seeds"], row["n_seeds_baseline"] = len(pa), len(pb)
     return row, diffs
 
 
@@ -165,9 +215,9 @@ def mean_difference(rows: list[dict[str, Any]], diffs: list[np.ndarray]) -> dict
     return out
 
 
-def paired_labs(ours: dict[str, Path], theirs: dict[str, Path], classes: list[str], *,
+def paired_labs(ours: dict[str, Predictions], theirs: dict[str, Predictions], classes: list[str], *,
                 n_bootstrap: int = 1000) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per lab both left out (lab -> ``predictions.csv``), ``ours - theirs`` paired; and their mean.
+    """Per lab both left out (lab -> ``predictions.csv``, or its seeds' files), ``ours - theirs`` paired; and their mean.
 
     Each lab is resampled with its own seed (its position), so the labs' draws are independent and
     :func:`mean_difference` may average them draw by draw. No lab in common is an error.
