@@ -90,6 +90,28 @@ def test_cv_refuses_a_different_plan_in_the_same_folder(cv_result: dict, cells_r
         cross_validate(other, cv_result["out"], 5, data_path=cells_root, echo=lambda s: None)
 
 
+def test_a_folder_planned_before_a_setting_existed_still_resumes(cv_result: dict, cells_root: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import leuko.train
+
+    out = Path(cv_result["out"]).parent / "older-leuko"
+    shutil.copytree(cv_result["out"], out)
+    plan = json.loads((out / "plan.json").read_text())
+    for entry in plan["cells"].values():
+        del entry["train"]["mixstyle"]  # as an earlier leuko wrote it, before train.mixstyle existed
+    (out / "plan.json").write_text(json.dumps(plan))
+    monkeypatch.setattr(leuko.train, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    lines: list[str] = []
+    cross_validate(cv_result["cfg"], out, 5, data_path=cells_root, echo=lines.append)
+    assert sum("skipped" in line for line in lines) == 5
+    other = cv_result["cfg"].model_copy(deep=True)
+    other.train.mixstyle = 0.5  # a setting the old runs did not have on: a different config
+    with pytest.raises(LeukoError, match=r"different config \(train.mixstyle: 0.0 then, 0.5 now"):
+        cross_validate(other, out, 5, data_path=cells_root, echo=lambda s: None)
+
+
 def _grid_file(tmp_path: Path, lrs: list[float] = [0.01, 0.02]) -> Path:
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(TINY))

@@ -106,8 +106,8 @@ def check_plan(out: Path, cells: list[Cell], kind: str) -> None:
         if old.get("kind") != kind:
             raise LeukoError(f"{out} holds a '{old.get('kind')}' result, not '{kind}': choose another --out")
         for name, entry in plan["cells"].items():
-            if name in old.get("cells", {}) and old["cells"][name] != entry:
-                diff = _first_difference(old["cells"][name], entry)
+            if name in old.get("cells", {}) and _as_now(old["cells"][name]) != entry:
+                diff = _first_difference(_as_now(old["cells"][name]), entry)
                 raise LeukoError(f"{out}/{name} was run with a different config ({diff}): choose another --out or remove that folder")
         old.get("cells", {}).update(plan["cells"])
         plan = {"kind": kind, "cells": old["cells"]}
@@ -117,6 +117,17 @@ def check_plan(out: Path, cells: list[Cell], kind: str) -> None:
     tmp = plan_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(plan, indent=1))
     tmp.replace(plan_file)
+
+
+def _as_now(entry: dict[str, Any]) -> dict[str, Any]:
+    """A plan entry written by an earlier leuko, read through today's schema: a setting added since
+    then takes its default (which is what that run did), so it does not count as a different config."""
+    try:
+        cfg = config_from_dict(entry).model_dump(mode="json")
+    except LeukoError:
+        return entry  # a setting since removed or changed: compare as written, and say what differs
+    cfg["data"].pop("path", None)
+    return cfg
 
 
 def _first_difference(a: Any, b: Any, where: str = "") -> str:
