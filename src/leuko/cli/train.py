@@ -86,7 +86,8 @@ def cv_cmd(
             if missing:
                 raise LeukoError(f"--against {against} did not leave out {', '.join(missing)}: nothing to compare with --only")
         res = lolo(cfg, target, only=only, seeds=seeds, echo=console.print)
-        cols = ["lab", "n_test", "accuracy", "macro_f1_common", "balanced_accuracy", "train_time_min"]
+        cols = ["lab", "n_test", "accuracy", *(["accuracy_seed_sd"] if seeds > 1 else []), "macro_f1_common",
+                "balanced_accuracy", "train_time_min"]
         summary = [{"lab": k, **v} for k, v in res["summary"].items()]
         console.print(rows_table("leave-one-lab-out", res["labs"] + summary, cols))
         print_written(f"{res['out']}/lolo.csv, lolo.md, lolo.json, lolo.png")
