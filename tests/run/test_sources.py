@@ -544,4 +544,5 @@ def test_cv_seeds_trains_each_lab_again_with_the_next_seeds(lolo_run: dict, tmp_
     assert "seed sd" in md.lower() and "the mean of 2 runs (train.seed 0 to 1)" in md
     vs = pd.read_csv(out / "vs-out.csv").set_index("lab")
     assert vs.loc["gamma", "n_seeds"] == 2 and vs.loc["gamma", "n_seeds_baseline"] == 1
+    assert "with several seeds (gamma: 2 vs 1)" in (out / "vs-out.md").read_text()
     assert call(["cv", lolo_run["argv"][1], "--seeds", "2"]) == 2  # --seeds without --leave-one-lab-out

@@ -417,6 +417,11 @@ def lab_table_against(out: str | Path, baseline: str | Path, classes: list[str],
              f"paired percentile bootstrap ({n_bootstrap} resamples of each lab's cells, both models scored on each); "
              "an interval that excludes 0 is a difference the cells can carry",
              "mean: unweighted over labs; its interval averages the labs' resamples draw by draw"]
+    seeded = [r for r in rows if "n_seeds" in r]
+    if seeded:
+        notes.append("with several seeds (" + ", ".join(f"{r['lab']}: {r['n_seeds']} vs {r['n_seeds_baseline']}" for r in seeded)
+                     + "): each side is its seeds' mean, each resample also resamples each side's seeds, "
+                     "and 'right only' counts a cell as right when most of a side's seeds get it")
     stem = out / f"vs-{baseline.name}"
     text = (f"# {out.name} against {baseline.name}, leave-one-lab-out\n\n"
             + markdown_table(pd.DataFrame(shown), headers=headers) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")
