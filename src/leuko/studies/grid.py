@@ -94,6 +94,7 @@ def _cell_dir(out: Path, cell: Cell) -> Path:
 def _plan_entry(cell: Cell) -> dict[str, Any]:
     cfg = cell.config.model_dump(mode="json")
     cfg["data"].pop("path", None)  # the folder may be given differently on resume (--data)
+    cfg.pop("description", None)  # words about the recipe, not the recipe: editing them changes no run
     return cfg
 
 
@@ -127,6 +128,7 @@ def _as_now(entry: dict[str, Any]) -> dict[str, Any]:
     except LeukoError:
         return entry  # a setting since removed or changed: compare as written, and say what differs
     cfg["data"].pop("path", None)
+    cfg.pop("description", None)
     return cfg
 
 
