@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -475,12 +478,24 @@ def test_cv_against_another_lolo_folder_writes_the_paired_table(lolo_run: dict, 
     assert call(["cv", lolo_run["argv"][1], "--against", str(other)]) == 2
 
 
-def test_cv_only_leaves_out_the_labs_named(lolo_run: dict, tmp_path: Path) -> None:
-    out = tmp_path / "seed1"
-    argv = ["cv", lolo_run["argv"][1], "--leave-one-lab-out", "--out", str(out), *lolo_run["argv"][5:]]
+@contextlib.contextmanager
+def _in_lolo_cache(lolo_run: dict) -> Iterator[None]:
+    """The lolo fixture's decoded-image cache, and no PNGs (most of an evaluation's seconds)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LEUKO_CACHE_DIR", str(lolo_run["base"] / "cache"))
         mp.setattr("leuko.evaluate.run._figures", lambda *a, **k: None)
+        yield
+
+
+def _lolo_argv(lolo_run: dict, out: Path) -> list[str]:
+    """The lolo fixture's command (config and tiny --set overrides) into another --out."""
+    return ["cv", lolo_run["argv"][1], "--leave-one-lab-out", "--out", str(out), *lolo_run["argv"][5:]]
+
+
+def test_cv_only_leaves_out_the_labs_named(lolo_run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "seed1"
+    argv = _lolo_argv(lolo_run, out)
+    with _in_lolo_cache(lolo_run):
         assert call([*argv, "--only", "delta"]) == 2  # not a lab of the config: refused before training
         assert not out.exists()
         assert call([*argv, "--only", "gamma"]) == 0
@@ -528,10 +543,8 @@ def test_seeds_of_a_recipe_are_averaged_and_widen_its_interval(tmp_path: Path) -
 
 def test_cv_seeds_trains_each_lab_again_with_the_next_seeds(lolo_run: dict, tmp_path: Path) -> None:
     out = tmp_path / "seeds"
-    argv = ["cv", lolo_run["argv"][1], "--leave-one-lab-out", "--out", str(out), *lolo_run["argv"][5:]]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LEUKO_CACHE_DIR", str(lolo_run["base"] / "cache"))
-        mp.setattr("leuko.evaluate.run._figures", lambda *a, **k: None)
+    argv = _lolo_argv(lolo_run, out)
+    with _in_lolo_cache(lolo_run):
         assert call([*argv, "--only", "gamma", "--seeds", "0"]) == 2
         assert call([*argv, "--only", "gamma", "--seeds", "2", "--against", str(lolo_run["out"])]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["without-gamma", "without-gamma-seed1"]

@@ -91,11 +91,15 @@ def _cell_dir(out: Path, cell: Cell) -> Path:
     return out / cell.name
 
 
-def _plan_entry(cell: Cell) -> dict[str, Any]:
-    cfg = cell.config.model_dump(mode="json")
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config without what may change between runs of one plan without changing the run."""
     cfg["data"].pop("path", None)  # the folder may be given differently on resume (--data)
     cfg.pop("description", None)  # words about the recipe, not the recipe: editing them changes no run
     return cfg
+
+
+def _plan_entry(cell: Cell) -> dict[str, Any]:
+    return _comparable(cell.config.model_dump(mode="json"))
 
 
 def check_plan(out: Path, cells: list[Cell], kind: str) -> None:
@@ -107,8 +111,9 @@ def check_plan(out: Path, cells: list[Cell], kind: str) -> None:
         if old.get("kind") != kind:
             raise LeukoError(f"{out} holds a '{old.get('kind')}' result, not '{kind}': choose another --out")
         for name, entry in plan["cells"].items():
-            if name in old.get("cells", {}) and _as_now(old["cells"][name]) != entry:
-                diff = _first_difference(_as_now(old["cells"][name]), entry)
+            before = _as_now(old["cells"][name]) if name in old.get("cells", {}) else entry
+            if before != entry:
+                diff = _first_difference(before, entry)
                 raise LeukoError(f"{out}/{name} was run with a different config ({diff}): choose another --out or remove that folder")
         old.get("cells", {}).update(plan["cells"])
         plan = {"kind": kind, "cells": old["cells"]}
@@ -124,12 +129,9 @@ def _as_now(entry: dict[str, Any]) -> dict[str, Any]:
     """A plan entry written by an earlier leuko, read through today's schema: a setting added since
     then takes its default (which is what that run did), so it does not count as a different config."""
     try:
-        cfg = config_from_dict(entry).model_dump(mode="json")
+        return _comparable(config_from_dict(entry).model_dump(mode="json"))
     except LeukoError:
         return entry  # a setting since removed or changed: compare as written, and say what differs
-    cfg["data"].pop("path", None)
-    cfg.pop("description", None)
-    return cfg
 
 
 def _first_difference(a: Any, b: Any, where: str = "") -> str:
